@@ -1,0 +1,43 @@
+"""Step-by-step recurrent form of decayed linear attention (decode and short chunks)."""
+
+from typing import Optional, Tuple
+
+import torch
+
+from supra.ops.linear_attention.naive import compute_dtype
+
+
+def recurrent_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``S_t = exp(-s_h) S_{t-1} + (scale k_t)^T v_t``, ``o_t = q_t S_t``, one token at a time.
+
+    Args:
+        q (torch.Tensor): queries [B, T, H, K].
+        k (torch.Tensor): keys [B, T, H, K].
+        v (torch.Tensor): values [B, T, H, V].
+        slopes (torch.Tensor): per-head decay slopes [H], >= 0.
+        scale (float): multiplies the keys.
+        initial_state (Optional[torch.Tensor]): state before the first token [B, H, K, V].
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: output [B, T, H, V] in q's dtype and the
+        state after the last token [B, H, K, V] in the accumulation dtype.
+    """
+    out_dtype, acc = q.dtype, compute_dtype(q.dtype)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v = q.to(acc), k.to(acc) * scale, v.to(acc)
+    gamma = torch.exp(-slopes.to(acc))[None, :, None, None]
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    outputs = []
+    for t in range(T):
+        state = gamma * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o.to(out_dtype), state
