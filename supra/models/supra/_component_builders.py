@@ -1,0 +1,217 @@
+"""Component builders: every hyperparameter an argument, strings turned into modules here."""
+
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+from torchtune.models.llama2._component_builders import llama2_mlp
+from torchtune.modules import (
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TiedLinear,
+    TransformerSelfAttentionLayer,
+)
+
+from supra.modules import (
+    FixedDecay,
+    HeadGroupNorm,
+    LinearAttention,
+    ReLUFeatureMap,
+    RotaryEmbedding,
+    SupraDecoder,
+    decay_slopes,
+)
+
+# open_lm's norm names; the "lp" variants compute the same function (in the input dtype).
+NORM_TYPES = (
+    "rms_norm",
+    "default_layer_norm",
+    "lp_layer_norm",
+    "gain_only_layer_norm",
+    "gain_only_lp_layer_norm",
+    "no_wb_layer_norm",
+)
+
+FEATURE_MAPS = {"relu": ReLUFeatureMap}
+
+
+def build_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
+    """The normalization named ``norm_type`` over the last ``dim`` features.
+
+    Raises:
+        ValueError: for a name not in ``NORM_TYPES``.
+    """
+    if norm_type == "rms_norm":
+        return RMSNorm(dim, eps=eps)
+    if norm_type in ("default_layer_norm", "lp_layer_norm"):
+        return nn.LayerNorm(dim, eps=eps)
+    if norm_type in ("gain_only_layer_norm", "gain_only_lp_layer_norm"):
+        return nn.LayerNorm(dim, eps=eps, bias=False)
+    if norm_type == "no_wb_layer_norm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+    raise ValueError(f"norm_type {norm_type!r} is not supported; choose one of {NORM_TYPES}")
+
+
+def build_feature_map(feature_map: "str | Callable[[int, int], nn.Module]", in_dim: int, out_dim: int) -> nn.Module:
+    """A feature map ``in_dim -> out_dim`` from a name in ``FEATURE_MAPS`` or a factory."""
+    if callable(feature_map):
+        return feature_map(in_dim, out_dim)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map {feature_map!r} is unknown; choose one of {sorted(FEATURE_MAPS)} or pass a callable")
+    return FEATURE_MAPS[feature_map](in_dim, out_dim)
+
+
+def supra_attention(
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    output_proj: nn.Module,
+    feature_dim: Optional[int] = None,
+    feature_map: "str | Callable[[int, int], nn.Module]" = "relu",
+    decay: str = "alibi",
+    decay_start: Optional[float] = None,
+    qk_norm: bool = False,
+    norm_type: str = "rms_norm",
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000.0,
+    rope_style: str = "half",
+    out_norm_eps: float = 1e-5,
+    impl: Optional[str] = None,
+) -> LinearAttention:
+    """SUPRA attention around given projections, with new feature maps, decay and norms.
+
+    Under MHA queries and keys share one feature map; under GQA keys get their own. The q/k
+    norms (``qk_norm``) are the model's ``norm_type`` over all H * d_k features.
+
+    Raises:
+        ValueError: if ``num_kv_heads`` does not divide ``num_heads``, or a name is unknown.
+    """
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    feature_dim = feature_dim or head_dim
+    gqa = num_kv_heads != num_heads
+    return LinearAttention(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        q_proj=q_proj,
+        k_proj=k_proj,
+        v_proj=v_proj,
+        output_proj=output_proj,
+        feature_map=build_feature_map(feature_map, num_heads * head_dim, num_heads * feature_dim),
+        k_feature_map=build_feature_map(feature_map, num_kv_heads * head_dim, num_kv_heads * feature_dim) if gqa else None,
+        decay=FixedDecay(decay_slopes(decay, num_heads, decay_start)),
+        out_norm=HeadGroupNorm(eps=out_norm_eps),
+        pos_embeddings=RotaryEmbedding(feature_dim, base=rope_base, style=rope_style),
+        q_norm=build_norm(norm_type, num_heads * feature_dim, norm_eps) if qk_norm else None,
+        k_norm=build_norm(norm_type, num_heads * feature_dim, norm_eps) if qk_norm else None,
+        feature_dim=feature_dim,
+        impl=impl,
+    )
+
+
+def supra_decoder(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    norm_type: str = "rms_norm",
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000.0,
+    rope_style: str = "half",
+    feature_dim: Optional[int] = None,
+    feature_map: "str | Callable[[int, int], nn.Module]" = "relu",
+    decay: str = "alibi",
+    decay_start: Optional[float] = None,
+    qk_norm: bool = False,
+    tie_word_embeddings: bool = False,
+    softmax_layers: Iterable[int] = (),
+    impl: Optional[str] = None,
+) -> SupraDecoder:
+    """A Llama-architecture decoder (pre-norm, SwiGLU) whose attention layers are SUPRA.
+
+    Args:
+        vocab_size (int): vocabulary size.
+        num_layers (int): number of blocks.
+        num_heads (int): query heads H.
+        num_kv_heads (int): key/value heads (GQA when < H).
+        embed_dim (int): model dimension; head_dim = embed_dim // num_heads.
+        intermediate_dim (int): SwiGLU hidden width.
+        max_seq_len (int): training length (and the limit of any softmax layers).
+        norm_type (str): one of ``NORM_TYPES`` for the block, final and q/k norms.
+        norm_eps (float): their epsilon.
+        rope_base (float): RoPE base.
+        rope_style (str): ``"half"`` (open_lm / HF) or ``"interleaved"`` for SUPRA layers.
+        feature_dim (Optional[int]): d_k; defaults to head_dim.
+        feature_map (str | callable): ``"relu"`` or a factory ``(in_dim, out_dim) -> nn.Module``.
+        decay (str): ``"alibi"``, ``"retnet"`` or ``"none"``.
+        decay_start (Optional[float]): first alibi slope (the reference's ``decay_start``).
+        qk_norm (bool): normalize the q and k features.
+        tie_word_embeddings (bool): share the embedding and output matrices.
+        softmax_layers (Iterable[int]): layer indices kept as softmax attention (hybrids).
+        impl (Optional[str]): forces an op implementation.
+
+    Returns:
+        SupraDecoder: the model.
+
+    Raises:
+        ValueError: for a head count that does not divide ``embed_dim``, a bad layer index, or
+            an unknown name.
+    """
+    if embed_dim % num_heads:
+        raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
+    softmax_layers = set(softmax_layers)
+    bad = sorted(i for i in softmax_layers if not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"softmax_layers {bad} are not layer indices in [0, {num_layers})")
+    head_dim = embed_dim // num_heads
+    layers = nn.ModuleList()
+    for i in range(num_layers):
+        projections = dict(
+            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
+            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+        )
+        if i in softmax_layers:
+            attn = MultiHeadAttention(
+                embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base),
+                max_seq_len=max_seq_len, **projections,
+            )
+        else:
+            attn = supra_attention(
+                embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                feature_dim=feature_dim, feature_map=feature_map, decay=decay, decay_start=decay_start,
+                qk_norm=qk_norm, norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base,
+                rope_style=rope_style, impl=impl, **projections,
+            )
+        layers.append(
+            TransformerSelfAttentionLayer(
+                attn=attn,
+                mlp=llama2_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
+                sa_norm=build_norm(norm_type, embed_dim, norm_eps),
+                mlp_norm=build_norm(norm_type, embed_dim, norm_eps),
+            )
+        )
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    output = TiedLinear(tok_embeddings) if tie_word_embeddings else nn.Linear(embed_dim, vocab_size, bias=False)
+    return SupraDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=layers,
+        max_seq_len=max_seq_len,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        norm=build_norm(norm_type, embed_dim, norm_eps),
+        output=output,
+    )

@@ -1,0 +1,110 @@
+"""Fixed per-head decay slopes s_h (gamma_h = exp(-s_h)) and the module that holds them."""
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+
+def alibi_slopes(num_heads: int, start: Optional[float] = None) -> torch.Tensor:
+    """Lightning / ALiBi slopes ``s_i = 2^(-8 (i + 1) / H)``, computed in float64.
+
+    For a head count that is not a power of two, the ALiBi rule: the slopes of the closest
+    lower power of two, then every other slope of the doubled set.
+
+    Args:
+        num_heads (int): number of heads H >= 1.
+        start (Optional[float]): replaces the first slope (the reference's ``decay_start``);
+            the others keep their ratio to it. Must be > 0.
+
+    Returns:
+        torch.Tensor: slopes [H], float64, decreasing.
+
+    Raises:
+        ValueError: if ``num_heads`` < 1 or ``start`` <= 0.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = _power_of_two_slopes(closest)
+    if closest != num_heads:
+        slopes += _power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    result = torch.tensor(slopes, dtype=torch.float64)
+    if start is not None:
+        if not start > 0:
+            raise ValueError(f"decay start must be a positive slope; got {start}")
+        result = result * (start / result[0])
+    return result
+
+
+def _power_of_two_slopes(n: int) -> List[float]:
+    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+
+def retnet_slopes(num_heads: int) -> torch.Tensor:
+    """RetNet slopes: ``gamma_h = 1 - 2^(-5 - h)``, ``s_h = -ln(gamma_h)``, in float64.
+
+    float64 matters: in float32, gamma_h rounds to exactly 1 (no decay) for h >= 20.
+
+    Returns:
+        torch.Tensor: slopes [H], float64, decreasing.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return -torch.log1p(-(2.0 ** (-5.0 - h)))
+
+
+def no_decay_slopes(num_heads: int) -> torch.Tensor:
+    """Zero slopes (gamma = 1): plain causal linear attention. Returns [H] float64."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+    return torch.zeros(num_heads, dtype=torch.float64)
+
+
+SLOPE_RULES = {"alibi": alibi_slopes, "retnet": retnet_slopes, "none": no_decay_slopes}
+
+
+def decay_slopes(rule: str, num_heads: int, start: Optional[float] = None) -> torch.Tensor:
+    """Slopes [H] (float64) for a named rule: ``"alibi"`` (Lightning), ``"retnet"`` or ``"none"``.
+
+    Raises:
+        ValueError: for an unknown rule, or ``start`` with a rule other than alibi.
+    """
+    if rule not in SLOPE_RULES:
+        raise ValueError(f"decay rule {rule!r} is unknown; choose one of {sorted(SLOPE_RULES)}")
+    if start is not None and rule != "alibi":
+        raise ValueError(f"decay start={start} only applies to the 'alibi' rule, not {rule!r}")
+    return alibi_slopes(num_heads, start) if rule == "alibi" else SLOPE_RULES[rule](num_heads)
+
+
+class FixedDecay(nn.Module):
+    """Holds constant per-head slopes (not trained, not saved: they follow from the config).
+
+    Args:
+        slopes (torch.Tensor): slopes [H], finite and >= 0.
+
+    Raises:
+        ValueError: for a non-1-D, negative or non-finite ``slopes``.
+    """
+
+    def __init__(self, slopes: torch.Tensor) -> None:
+        super().__init__()
+        slopes = torch.as_tensor(slopes, dtype=torch.float64)
+        if slopes.dim() != 1 or not bool(torch.isfinite(slopes).all() and (slopes >= 0).all()):
+            raise ValueError(
+                f"decay slopes must be a 1-D tensor of finite values >= 0; got {slopes.tolist()}"
+            )
+        self.register_buffer("slopes", slopes.float(), persistent=False)
+
+    @property
+    def num_heads(self) -> int:
+        return self.slopes.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        """Returns the slopes [H] in float32."""
+        return self.slopes
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"

@@ -1,0 +1,95 @@
+"""A torchtune ``TransformerDecoder`` whose SUPRA layers run without masks or length limits."""
+
+from typing import List, Optional, Union
+
+import torch
+from torchtune.modules import TransformerDecoder
+
+from supra.modules.attention import LinearAttention
+
+
+def is_linear_layer(layer: torch.nn.Module) -> bool:
+    """True for a decoder layer whose attention is SUPRA linear attention."""
+    return isinstance(getattr(layer, "attn", None), LinearAttention)
+
+
+class SupraDecoder(TransformerDecoder):
+    """``TransformerDecoder`` for SUPRA and hybrid (some layers softmax) models.
+
+    Differences from torchtune's decoder: no mask is needed once caches are set up (a linear
+    layer's state replaces the KV cache and is causal by construction); inputs may be longer
+    than ``max_seq_len`` when every layer is linear; and ``padding_mask`` [B, T] (True = real
+    token, left padding) makes a padded batch give each sequence the logits it gets alone.
+
+    It adds no state of its own, so ``supra.convert.linearize`` can turn a loaded torchtune
+    decoder into one in place.
+    """
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        encoder_input: Optional[torch.Tensor] = None,
+        encoder_mask: Optional[torch.Tensor] = None,
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """
+        Args:
+            tokens (torch.Tensor): token ids [B, T].
+            mask (Optional[torch.Tensor]): torchtune attention mask [B, T, S] for the softmax layers
+                of a hybrid model (required there once caches are set up); SUPRA layers ignore it.
+            input_pos (Optional[torch.Tensor]): positions [B, T] or [T]. SUPRA layers default to
+                counting real tokens from their caches.
+            padding_mask (Optional[torch.Tensor]): [B, T] bool, True for real tokens, pads on the left.
+            encoder_input (Optional[torch.Tensor]): passed through to the layers.
+            encoder_mask (Optional[torch.Tensor]): passed through to the layers.
+
+        Returns:
+            Union[torch.Tensor, List[torch.Tensor]]: logits [B, T, vocab] (float32), or a list of
+            hidden states followed by the logits when ``output_hidden_states`` is set.
+
+        Raises:
+            ValueError: when a hybrid model gets more than ``max_seq_len`` tokens, or runs with
+                caches but without a mask for its softmax layers.
+        """
+        linear = [is_linear_layer(layer) for layer in self.layers]
+        softmax_mask, softmax_pos = mask, input_pos
+        if not all(linear):
+            softmax_mask, softmax_pos = self._softmax_inputs(tokens, mask, input_pos, padding_mask)
+        h = self.tok_embeddings(tokens)
+        hidden = []
+        for i, (layer, is_linear) in enumerate(zip(self.layers, linear)):
+            if i in self.output_hidden_states:
+                hidden.append(h)
+            h = layer(
+                h,
+                mask=padding_mask if is_linear else softmax_mask,
+                input_pos=input_pos if is_linear else softmax_pos,
+                encoder_input=encoder_input,
+                encoder_mask=encoder_mask,
+            )
+        output = self.unembed(h)
+        return output if not hidden else [*hidden, output]
+
+    def _softmax_inputs(self, tokens, mask, input_pos, padding_mask):
+        """Mask and positions for the softmax layers of a hybrid model."""
+        B, T = tokens.shape
+        if T > self.max_seq_len:
+            raise ValueError(
+                f"{T} tokens exceed max_seq_len={self.max_seq_len}, the limit of this hybrid model's "
+                "softmax layers (only all-linear models have unbounded context)"
+            )
+        if self.caches_are_enabled() and mask is None:
+            raise ValueError(
+                "this hybrid model has softmax layers with KV caches: pass their attention mask "
+                "[B, T, max_cache_len] as `mask` (SUPRA layers need none)"
+            )
+        if padding_mask is not None and mask is None:
+            causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=tokens.device))
+            # A pad row that sees nothing would give NaN: let every token see itself.
+            mask = (causal & padding_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=tokens.device)
+        if padding_mask is not None and input_pos is None:
+            input_pos = (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return mask, input_pos
