@@ -19,7 +19,7 @@ def alibi_slopes(num_heads: int, start: Optional[float] = None) -> torch.Tensor:
             the others keep their ratio to it. Must be > 0.
 
     Returns:
-        torch.Tensor: slopes [H], float64, decreasing.
+        torch.Tensor: slopes [H], float64 (decreasing when H is a power of two).
 
     Raises:
         ValueError: if ``num_heads`` < 1 or ``start`` <= 0.
@@ -92,7 +92,7 @@ class FixedDecay(nn.Module):
     def __init__(self, slopes: torch.Tensor) -> None:
         super().__init__()
         slopes = torch.as_tensor(slopes, dtype=torch.float64)
-        if slopes.dim() != 1 or not bool(torch.isfinite(slopes).all() and (slopes >= 0).all()):
+        if slopes.dim() != 1 or not (slopes.is_meta or bool(torch.isfinite(slopes).all() and (slopes >= 0).all())):
             raise ValueError(
                 f"decay slopes must be a 1-D tensor of finite values >= 0; got {slopes.tolist()}"
             )
