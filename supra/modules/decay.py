@@ -30,7 +30,7 @@ def alibi_slopes(num_heads: int, start: Optional[float] = None) -> torch.Tensor:
     slopes = _power_of_two_slopes(closest)
     if closest != num_heads:
         slopes += _power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
-    result = torch.tensor(slopes, dtype=torch.float64)
+    result = torch.tensor(slopes, dtype=torch.float64, device="cpu")
     if start is not None:
         if not start > 0:
             raise ValueError(f"decay start must be a positive slope; got {start}")
@@ -52,7 +52,7 @@ def retnet_slopes(num_heads: int) -> torch.Tensor:
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1; got {num_heads}")
-    h = torch.arange(num_heads, dtype=torch.float64)
+    h = torch.arange(num_heads, dtype=torch.float64, device="cpu")
     return -torch.log1p(-(2.0 ** (-5.0 - h)))
 
 
@@ -60,7 +60,7 @@ def no_decay_slopes(num_heads: int) -> torch.Tensor:
     """Zero slopes (gamma = 1): plain causal linear attention. Returns [H] float64."""
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1; got {num_heads}")
-    return torch.zeros(num_heads, dtype=torch.float64)
+    return torch.zeros(num_heads, dtype=torch.float64, device="cpu")
 
 
 SLOPE_RULES = {"alibi": alibi_slopes, "retnet": retnet_slopes, "none": no_decay_slopes}
@@ -82,25 +82,39 @@ def decay_slopes(rule: str, num_heads: int, start: Optional[float] = None) -> to
 class FixedDecay(nn.Module):
     """Holds constant per-head slopes (not trained, not saved: they follow from the config).
 
+    A float64 CPU copy is kept beside the float32 buffer, so that a model built on the meta
+    device and materialized with ``to_empty`` can restore the values with ``reset_buffers()``.
+
     Args:
-        slopes (torch.Tensor): slopes [H], finite and >= 0.
+        slopes (torch.Tensor): slopes [H], finite and >= 0, with real values (not meta).
 
     Raises:
-        ValueError: for a non-1-D, negative or non-finite ``slopes``.
+        ValueError: for a meta, non-1-D, negative or non-finite ``slopes``.
     """
 
     def __init__(self, slopes: torch.Tensor) -> None:
         super().__init__()
-        slopes = torch.as_tensor(slopes, dtype=torch.float64)
-        if slopes.dim() != 1 or not (slopes.is_meta or bool(torch.isfinite(slopes).all() and (slopes >= 0).all())):
+        if isinstance(slopes, torch.Tensor) and slopes.is_meta:
             raise ValueError(
-                f"decay slopes must be a 1-D tensor of finite values >= 0; got {slopes.tolist()}"
+                "decay slopes must hold real values, not meta tensors: compute them on the CPU "
+                "(the supra slope functions always do)"
             )
-        self.register_buffer("slopes", slopes.float(), persistent=False)
+        reference = torch.as_tensor(slopes, dtype=torch.float64, device="cpu")
+        if reference.dim() != 1 or not bool(torch.isfinite(reference).all() and (reference >= 0).all()):
+            raise ValueError(
+                f"decay slopes must be a 1-D tensor of finite values >= 0; got {reference.tolist()}"
+            )
+        self._reference = reference
+        self.register_buffer("slopes", reference.float(), persistent=False)
 
     @property
     def num_heads(self) -> int:
         return self.slopes.shape[0]
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Rewrites the buffer from the float64 copy (after ``to_empty`` or a meta-device build)."""
+        self.slopes.copy_(self._reference.to(self.slopes.device))
 
     def forward(self) -> torch.Tensor:
         """Returns the slopes [H] in float32."""

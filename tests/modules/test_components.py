@@ -328,7 +328,9 @@ def test_supra_attention_gqa_has_a_key_feature_map():
 
 @pytest.mark.parametrize("norm_type", ("rms_norm", "gain_only_lp_layer_norm"))
 def test_supra_attention_qk_norm_over_all_head_features(norm_type):
-    attn = _attention(num_heads=4, num_kv_heads=2, head_dim=8, feature_dim=4, qk_norm=True, norm_type=norm_type, norm_eps=1e-6)
+    attn = _attention(
+        num_heads=4, num_kv_heads=2, head_dim=8, feature_dim=4, qk_norm=True, norm_type=norm_type, norm_eps=1e-6
+    )
     for norm in (attn.q_norm, attn.k_norm):
         assert norm is not None and tuple(norm.normalized_shape) == (4 * 4,) and norm.eps == 1e-6
     assert attn.q_norm is not attn.k_norm

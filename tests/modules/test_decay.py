@@ -186,3 +186,24 @@ def test_fixed_decay_is_not_saved():
     assert "decay.slopes" not in wrapper.state_dict()
     # Loading a checkpoint (which has no slopes) strictly must work.
     wrapper.load_state_dict({}, strict=True)
+
+
+def test_fixed_decay_rejects_meta_slopes():
+    with pytest.raises(ValueError, match="not meta tensors"):
+        FixedDecay(torch.zeros(4, device="meta"))
+
+
+def test_meta_built_model_restores_its_slopes_after_to_empty():
+    from supra.models import supra_test_tiny
+
+    with torch.device("meta"):
+        model = supra_test_tiny(num_heads=8, num_kv_heads=8, embed_dim=64, decay="retnet")
+    model.to_empty(device="cpu")
+    decays = [m for m in model.modules() if isinstance(m, FixedDecay)]
+    for decay in decays:
+        decay.slopes.fill_(float("nan"))
+        decay.reset_buffers()
+    expected = torch.tensor([-math.log1p(-(2.0 ** (-5 - h))) for h in range(8)], dtype=torch.float64)
+    assert len(decays) == 2
+    for decay in decays:
+        torch.testing.assert_close(decay.slopes, expected.float())
