@@ -19,7 +19,7 @@ IMPLEMENTATIONS: Dict[str, Callable] = {
     "recurrent": recurrent_linear_attention,
 }
 
-# Below this many tokens the step loop beats the chunked form (see benchmarks/ops_cpu.py).
+# Up to this many tokens the step loop beats the chunked form (see benchmarks/ops_cpu.py).
 RECURRENT_MAX_TOKENS = 4
 
 
