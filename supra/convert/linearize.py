@@ -8,6 +8,7 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention, TransformerDecoder
 
 from supra.models.supra._component_builders import supra_attention
+from supra.models.supra._spec import SPEC_ATTRIBUTE, record_linearize
 from supra.modules import LinearAttention, SupraDecoder
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,14 @@ def linearize(
         model.layers[i].attn = linear
     # SupraDecoder adds methods only, so swapping the class keeps the object valid.
     model.__class__ = SupraDecoder
+    if callable(feature_map) and hasattr(model, SPEC_ATTRIBUTE):
+        # A factory cannot be written to a config: such a model cannot be saved by its build record.
+        model.supra_spec["unsaveable"] = f"linearized with a custom feature map {feature_map!r}"
+    record_linearize(model, dict(
+        layers=chosen, feature_map=feature_map if isinstance(feature_map, str) else None,
+        feature_dim=feature_dim, decay=decay, decay_start=decay_start, qk_norm=qk_norm,
+        norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base, rope_style=rope_style, impl=impl,
+    ))
     logger.info(
         "linearized %d of %d layers; added %d new parameters", len(chosen), len(model.layers), new_params
     )

@@ -4,6 +4,9 @@ No table means no maximum length: a recurrent model's context may run past any `
 and positions are never rounded to a low-precision dtype.
 """
 
+import math
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -20,34 +23,47 @@ class RotaryEmbedding(nn.Module):
         dim (int): head dimension D (even).
         base (float): frequency base.
         style (str): ``"half"`` or ``"interleaved"``.
+        llama3_scaling (Optional[dict]): Llama-3.1 frequency scaling, HF's ``rope_scaling`` keys
+            ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``.
 
     Raises:
         ValueError: for an odd ``dim`` or an unknown ``style``.
     """
 
-    def __init__(self, dim: int, base: float = 10_000.0, style: str = "half") -> None:
+    def __init__(
+        self, dim: int, base: float = 10_000.0, style: str = "half", llama3_scaling: Optional[dict] = None
+    ) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"RoPE needs an even head dimension; got {dim}")
         if style not in ROPE_STYLES:
             raise ValueError(f"RoPE style {style!r} is unknown; choose one of {ROPE_STYLES}")
         self.dim, self.base, self.style = dim, base, style
+        self.llama3_scaling = dict(llama3_scaling) if llama3_scaling else None
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
-        """[D/2] float32, ``base^(-2i/D)``, computed in float64 first."""
+        """[D/2] float32, ``base^(-2i/D)`` (Llama-3-scaled if configured), computed in float64 first."""
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim
-        return (1.0 / self.base**exponent).float()
+        inv_freq = 1.0 / self.base**exponent
+        if self.llama3_scaling:
+            inv_freq = _llama3_scale(inv_freq, **self.llama3_scaling)
+        return inv_freq.float()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, input_pos=None) -> torch.Tensor:
         """Rotates x by its positions.
 
         Args:
             x (torch.Tensor): [B, T, H, D].
-            positions (torch.Tensor): integer positions [B, T] or [T].
+            positions (Optional[torch.Tensor]): integer positions [B, T] or [T]; default 0..T-1.
+            input_pos (Optional[torch.Tensor]): the same, under torchtune's keyword (its attention
+                calls ``pos_embeddings(q, input_pos=...)``).
 
         Returns:
             torch.Tensor: [B, T, H, D] in x's dtype.
         """
+        positions = positions if positions is not None else input_pos
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
         angles = positions.float()[..., None] * self.inverse_frequencies(x.device)
         cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
         x32 = x.float()
@@ -60,4 +76,24 @@ class RotaryEmbedding(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}, style={self.style!r}"
+        scaling = f", llama3_scaling={self.llama3_scaling}" if self.llama3_scaling else ""
+        return f"dim={self.dim}, base={self.base}, style={self.style!r}{scaling}"
+
+
+def _llama3_scale(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama-3.1 RoPE scaling: long wavelengths divided by ``factor``, short ones kept, a smooth
+    blend between (as in Meta's and HF's reference code)."""
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)

@@ -7,11 +7,11 @@ from torchtune.models.llama2._component_builders import llama2_mlp
 from torchtune.modules import (
     MultiHeadAttention,
     RMSNorm,
-    RotaryPositionalEmbeddings,
     TiedLinear,
     TransformerSelfAttentionLayer,
 )
 
+from supra.models.supra._spec import recorded_builder
 from supra.modules import (
     FixedDecay,
     HeadGroupNorm,
@@ -116,6 +116,7 @@ def supra_attention(
     )
 
 
+@recorded_builder("supra_decoder")
 def supra_decoder(
     *,
     vocab_size: int,
@@ -136,6 +137,9 @@ def supra_decoder(
     qk_norm: bool = False,
     tie_word_embeddings: bool = False,
     softmax_layers: Iterable[int] = (),
+    head_dim: Optional[int] = None,
+    attention_bias: bool = False,
+    rope_scaling: Optional[dict] = None,
     impl: Optional[str] = None,
 ) -> SupraDecoder:
     """A Llama-architecture decoder (pre-norm, SwiGLU) whose attention layers are SUPRA.
@@ -145,7 +149,7 @@ def supra_decoder(
         num_layers (int): number of blocks.
         num_heads (int): query heads H.
         num_kv_heads (int): key/value heads (GQA when < H).
-        embed_dim (int): model dimension; head_dim = embed_dim // num_heads.
+        embed_dim (int): model dimension.
         intermediate_dim (int): SwiGLU hidden width.
         max_seq_len (int): training length (and the limit of any softmax layers).
         norm_type (str): one of ``NORM_TYPES`` for the block, final and q/k norms.
@@ -158,7 +162,13 @@ def supra_decoder(
         decay_start (Optional[float]): first alibi slope (the reference's ``decay_start``).
         qk_norm (bool): normalize the q and k features.
         tie_word_embeddings (bool): share the embedding and output matrices.
-        softmax_layers (Iterable[int]): layer indices kept as softmax attention (hybrids).
+        softmax_layers (Iterable[int]): layer indices that use softmax attention (hybrids; all of
+            them for a plain softmax model such as one loaded from a Hugging Face folder). Their RoPE
+            follows ``rope_style`` too, so HF weights load without torchtune's q/k permutation.
+        head_dim (Optional[int]): per-head width d; defaults to embed_dim // num_heads.
+        attention_bias (bool): biases on the q/k/v projections (Qwen2).
+        rope_scaling (Optional[dict]): Llama-3.1 RoPE scaling for the softmax layers (see
+            ``supra.modules.RotaryEmbedding``).
         impl (Optional[str]): forces an op implementation.
 
     Returns:
@@ -168,25 +178,25 @@ def supra_decoder(
         ValueError: for a head count that does not divide ``embed_dim``, a bad layer index, or
             an unknown name.
     """
-    if embed_dim % num_heads:
-        raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
+    if head_dim is None and embed_dim % num_heads:
+        raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim}), or pass head_dim")
     softmax_layers = set(softmax_layers)
     bad = sorted(i for i in softmax_layers if not 0 <= i < num_layers)
     if bad:
         raise ValueError(f"softmax_layers {bad} are not layer indices in [0, {num_layers})")
-    head_dim = embed_dim // num_heads
+    head_dim = head_dim or embed_dim // num_heads
     layers = nn.ModuleList()
     for i in range(num_layers):
         projections = dict(
-            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
-            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
-            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+            q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=attention_bias),
+            k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=attention_bias),
+            v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=attention_bias),
             output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
         )
         if i in softmax_layers:
             attn = MultiHeadAttention(
                 embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base),
+                pos_embeddings=RotaryEmbedding(head_dim, base=rope_base, style=rope_style, llama3_scaling=rope_scaling),
                 max_seq_len=max_seq_len, **projections,
             )
         else:

@@ -1,9 +1,11 @@
 """Named presets: the published SUPRA shapes, the reference's from-scratch configs, a test model."""
 
 from supra.models.supra._component_builders import supra_decoder
+from supra.models.supra._spec import recorded_builder
 from supra.modules import SupraDecoder
 
 
+@recorded_builder("supra_llama2_7b")
 def supra_llama2_7b() -> SupraDecoder:
     """Llama-2-7B linearized: 32 layers, 4096 wide, MHA 32 heads (q and k share one feature map)."""
     return supra_decoder(
@@ -12,6 +14,7 @@ def supra_llama2_7b() -> SupraDecoder:
     )
 
 
+@recorded_builder("supra_mistral_7b")
 def supra_mistral_7b() -> SupraDecoder:
     """The published Mistral-SUPRA shapes (TRI-ML/mistral-supra): GQA 32/8 with a separate key
     feature map, no q/k norm, Lightning slopes, trained at 2048 tokens."""
@@ -34,21 +37,25 @@ def _linear_open_lm(dim: int, num_layers: int, num_heads: int, qk_norm: bool) ->
     )
 
 
+@recorded_builder("linear_tiny")
 def linear_tiny() -> SupraDecoder:
     """The reference's ``linear_tiny`` from-scratch config: 12 x 768, 12 heads, q/k norm."""
     return _linear_open_lm(768, 12, 12, qk_norm=True)
 
 
+@recorded_builder("linear_1b")
 def linear_1b() -> SupraDecoder:
     """The reference's ``linear_1b``: 24 x 2048, 16 heads, q/k norm."""
     return _linear_open_lm(2048, 24, 16, qk_norm=True)
 
 
+@recorded_builder("linear_7b")
 def linear_7b() -> SupraDecoder:
     """The reference's ``linear_7b``: 32 x 4096, 32 heads, no q/k norm."""
     return _linear_open_lm(4096, 32, 32, qk_norm=False)
 
 
+@recorded_builder("supra_test_tiny")
 def supra_test_tiny(**overrides) -> SupraDecoder:
     """A few-thousand-parameter GQA model for tests and examples; any argument can be overridden."""
     args = dict(
