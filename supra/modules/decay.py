@@ -111,6 +111,17 @@ class FixedDecay(nn.Module):
     def num_heads(self) -> int:
         return self.slopes.shape[0]
 
+    def _apply(self, fn, recurse=True):
+        # .to(bf16), .half() or to_empty() must not round or erase the slopes: they stay exact
+        # float32 on whatever device the module moves to; a meta buffer is rebuilt first, so
+        # moving a meta-built model to a real device works.
+        if self.slopes.is_meta:
+            self.slopes = self._reference.float()
+        super()._apply(fn, recurse)
+        if not self.slopes.is_meta:
+            self.slopes = self._reference.to(device=self.slopes.device, dtype=torch.float32)
+        return self
+
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Rewrites the buffer from the float64 copy (after ``to_empty`` or a meta-device build)."""
