@@ -41,7 +41,8 @@ def hf_decoder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError("mlp_bias=true is not supported; supported: false")
     if model_type == "qwen2" and config.get("use_sliding_window"):
         raise ValueError("use_sliding_window=true is not supported for qwen2; supported: false")
-    if model_type == "mistral" and config.get("sliding_window"):
+    window = config.get("sliding_window")
+    if model_type == "mistral" and window and window < config.get("max_position_embeddings", 0):
         logger.warning(
             "sliding_window=%s is not applied: attention is full (identical for sequences up to the window)",
             config["sliding_window"],

@@ -160,7 +160,7 @@ def openlm_config_from_model(model: nn.Module) -> Dict[str, Any]:
             a custom feature map, interleaved RoPE or a base other than 10000, custom slopes, ...).
     """
     if not isinstance(model, SupraDecoder) or not all(is_linear_layer(layer) for layer in model.layers):
-        raise ValueError("the openlm layout holds all-linear SUPRA models; this model has softmax layers")
+        raise ValueError("the openlm layout holds all-linear SUPRA models; this model has softmax layers (linearize it first: linearize=True, or supra convert --linearize)")
     attn: LinearAttention = model.layers[0].attn
     _check_expressible(model, attn)
     norm_type = _norm_type(model)
