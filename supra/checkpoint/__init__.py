@@ -139,7 +139,7 @@ def load_checkpoint(
         key_map = openlm_key_map(openlm_config)
 
     model = load_tensors_into(
-        model, tensors, key_map=key_map, source=str(path), dtype=dtype, device=device, may_be_missing=may_be_missing
+        model, tensors, key_map=key_map, source=f"{fmt} checkpoint {path}", dtype=dtype, device=device, may_be_missing=may_be_missing
     )
     logger.info("loaded %s checkpoint %s", fmt, path)
     return model.eval()

@@ -39,7 +39,7 @@ def load_tensors_into(
         model (nn.Module): built on the meta device.
         tensors (Iterable): (checkpoint name, tensor) pairs, streamed.
         key_map (KeyMap): checkpoint (name, tensor) -> model (name, tensor) pairs; [] to drop.
-        source (str): the checkpoint path, for messages.
+        source (str): the checkpoint's format and path, for messages.
         dtype (Optional[torch.dtype]): cast floating tensors to it; None keeps the stored dtype.
         device (Optional[torch.device]): where the model ends up (default CPU).
         may_be_missing (Iterable[str]): model names allowed to be absent.
@@ -113,7 +113,7 @@ def _first(names: List[str], count: int = 5) -> str:
 
 
 def _mismatch_message(source: str, missing: List[str], unexpected: List[str], wrong_shape: List[str]) -> str:
-    parts = [f"checkpoint {source} does not match the model:"]
+    parts = [f"{source} does not match the model it describes:"]
     if missing:
         parts.append(f"missing tensors: {_first(missing)}")
     if unexpected:
