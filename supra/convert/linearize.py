@@ -5,11 +5,11 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 from torch import nn
-from torchtune.modules import MultiHeadAttention, TransformerDecoder
+from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
 
 from supra.models.supra._component_builders import supra_attention
 from supra.models.supra._spec import SPEC_ATTRIBUTE, record_linearize
-from supra.modules import LinearAttention, SupraDecoder
+from supra.modules import LinearAttention, SupraDecoder, SupraLayer
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ def linearize(
         new_params += sum(p.numel() for name in NEW_SUBMODULES if getattr(linear, name) is not None
                           for p in getattr(linear, name).parameters())
         model.layers[i].attn = linear
+        if type(model.layers[i]) is TransformerSelfAttentionLayer:
+            # SupraLayer adds only the cu_seqlens pass-through, so the swap keeps the block valid.
+            model.layers[i].__class__ = SupraLayer
     # SupraDecoder adds methods only, so swapping the class keeps the object valid.
     model.__class__ = SupraDecoder
     if callable(feature_map) and hasattr(model, SPEC_ATTRIBUTE):

@@ -2,7 +2,7 @@
 
 from supra.modules.attention import LinearAttention
 from supra.modules.cache import RecurrentStateCache
-from supra.modules.decoder import SupraDecoder, is_linear_layer
+from supra.modules.decoder import SupraDecoder, SupraLayer, is_linear_layer
 from supra.modules.decay import (
     FixedDecay,
     alibi_slopes,
@@ -19,6 +19,7 @@ __all__ = [
     "HeadGroupNorm",
     "LinearAttention",
     "SupraDecoder",
+    "SupraLayer",
     "is_linear_layer",
     "RecurrentStateCache",
     "ReLUFeatureMap",

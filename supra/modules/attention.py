@@ -134,6 +134,7 @@ class LinearAttention(nn.Module):
         *,
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -143,7 +144,11 @@ class LinearAttention(nn.Module):
                 be on the left and, with a cache, only before a sequence's first real token.
                 Pad tokens never enter the state and do not advance positions.
             input_pos (Optional[torch.Tensor]): RoPE positions [B, T] or [T]. By default they count
-                the real tokens seen so far (continuing from the cache).
+                the real tokens seen so far (continuing from the cache). With packed documents,
+                pass positions that restart at each document.
+            cu_seqlens (Optional[torch.Tensor]): packed-document boundaries [N + 1] over the B * T
+                flattened tokens (``supra.data.cu_seqlens_from_positions``): the state restarts at
+                each one. Training / parallel mode only.
 
         Returns:
             torch.Tensor: [B, T, D].
@@ -156,6 +161,8 @@ class LinearAttention(nn.Module):
             self.kv_cache.check_batch(B)
         if mask is not None:
             self._check_padding_mask(mask, B, T, caching)
+        if cu_seqlens is not None and caching:
+            raise ValueError("cu_seqlens (packed documents) is for parallel mode; it cannot be combined with a recurrent cache")
 
         q = self.feature_map(self.q_proj(x))
         k = (self.k_feature_map or self.feature_map)(self.k_proj(x))
@@ -179,10 +186,14 @@ class LinearAttention(nn.Module):
             k = k * mask[:, :, None, None].to(k.dtype)
 
         initial_state = self.kv_cache.state[:B] if caching else None
+        if cu_seqlens is not None:
+            # Documents are packed across rows too: run them as one row of B * T tokens.
+            q, k, v = (t.reshape(1, B * T, self.num_heads, -1) for t in (q, k, v))
         o, final_state = linear_attention(
             q, k, v, self.decay(), scale=self.scale, initial_state=initial_state,
-            output_final_state=caching, impl=self.impl,
+            output_final_state=caching, cu_seqlens=cu_seqlens, impl=self.impl,
         )
+        o = o.reshape(B, T, self.num_heads, -1)
         if caching:
             consumed = mask.sum(dim=1) if mask is not None else T
             self.kv_cache.update(final_state, consumed)

@@ -3,7 +3,7 @@
 from typing import List, Optional, Union
 
 import torch
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import TransformerDecoder, TransformerSelfAttentionLayer
 
 from supra.modules.attention import LinearAttention
 
@@ -11,6 +11,24 @@ from supra.modules.attention import LinearAttention
 def is_linear_layer(layer: torch.nn.Module) -> bool:
     """True for a decoder layer whose attention is SUPRA linear attention."""
     return isinstance(getattr(layer, "attn", None), LinearAttention)
+
+
+class SupraLayer(TransformerSelfAttentionLayer):
+    """torchtune's pre-norm block that also hands packed-document boundaries (``cu_seqlens``) to
+    its attention. It adds no state, so linearize can switch a loaded block to it in place."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]; see ``LinearAttention.forward`` for the arguments."""
+        h = self.sa_scale(self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos, cu_seqlens=cu_seqlens)) + x
+        return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
 
 
 class SupraDecoder(TransformerDecoder):
@@ -32,6 +50,7 @@ class SupraDecoder(TransformerDecoder):
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
         encoder_input: Optional[torch.Tensor] = None,
         encoder_mask: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -43,6 +62,9 @@ class SupraDecoder(TransformerDecoder):
             input_pos (Optional[torch.Tensor]): positions [B, T] or [T]. SUPRA layers default to
                 counting real tokens from their caches.
             padding_mask (Optional[torch.Tensor]): [B, T] bool, True for real tokens, pads on the left.
+            cu_seqlens (Optional[torch.Tensor]): packed-document boundaries over the B * T flattened
+                tokens (all-linear models, parallel mode): each document starts from an empty state.
+                Pass ``input_pos`` restarting at each document too.
             encoder_input (Optional[torch.Tensor]): passed through to the layers.
             encoder_mask (Optional[torch.Tensor]): passed through to the layers.
 
@@ -56,6 +78,8 @@ class SupraDecoder(TransformerDecoder):
         """
         linear = [is_linear_layer(layer) for layer in self.layers]
         softmax_mask, softmax_pos = mask, input_pos
+        if cu_seqlens is not None and not all(linear):
+            raise ValueError("cu_seqlens (packed documents) needs an all-linear model; softmax layers would need a block mask")
         if not all(linear):
             softmax_mask, softmax_pos = self._softmax_inputs(tokens, mask, input_pos, padding_mask)
         h = self.tok_embeddings(tokens)
@@ -63,13 +87,10 @@ class SupraDecoder(TransformerDecoder):
         for i, (layer, is_linear) in enumerate(zip(self.layers, linear)):
             if i in self.output_hidden_states:
                 hidden.append(h)
-            h = layer(
-                h,
-                mask=padding_mask if is_linear else softmax_mask,
-                input_pos=input_pos if is_linear else softmax_pos,
-                encoder_input=encoder_input,
-                encoder_mask=encoder_mask,
-            )
+            if is_linear:
+                h = layer(h, mask=padding_mask, input_pos=input_pos, cu_seqlens=cu_seqlens)
+            else:
+                h = layer(h, mask=softmax_mask, input_pos=softmax_pos, encoder_input=encoder_input, encoder_mask=encoder_mask)
         output = self.unembed(h)
         return output if not hidden else [*hidden, output]
 

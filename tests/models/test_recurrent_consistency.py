@@ -141,3 +141,22 @@ def test_hybrid_model_padding_and_parallel():
         torch.testing.assert_close(batched[b, 9 - len(p) :], model(p[None])[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="exceed max_seq_len=32"):
         model(torch.randint(0, VOCAB, (1, 33)))
+
+
+@torch.no_grad()
+def test_packed_documents_equal_each_document_alone():
+    model = _model(num_kv_heads=2, qk_norm=True)
+    docs = [torch.randint(0, VOCAB, (n,)) for n in (5, 11, 8, 3, 13)]
+    rows = [torch.cat(docs[:3]), torch.cat(docs[3:]).tolist() + [0] * 8]
+    tokens = torch.stack([rows[0], torch.tensor(rows[1])])
+    positions = torch.cat([torch.arange(n) for n in (5, 11, 8, 3, 13, 8)]).view(2, 24)
+    # Documents start at 0, 5, 16 (row 0) and 24, 27, 40 (row 1, the last one is filler).
+    cu_seqlens = torch.tensor([0, 5, 16, 24, 27, 40, 48], dtype=torch.int32)
+    packed = model(tokens, input_pos=positions, cu_seqlens=cu_seqlens)
+    starts = [(0, 0), (0, 5), (0, 16), (1, 0), (1, 3)]
+    for doc, (row, start) in zip(docs, starts):
+        alone = model(doc[None])[0]
+        torch.testing.assert_close(packed[row, start : start + len(doc)], alone, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cannot be combined with a recurrent cache"):
+        model.setup_caches(batch_size=2, dtype=torch.float32)
+        model(tokens, input_pos=positions, cu_seqlens=cu_seqlens)

@@ -5,10 +5,10 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 from torchtune.models.llama2._component_builders import llama2_mlp
 from torchtune.modules import (
+    TransformerSelfAttentionLayer,
     MultiHeadAttention,
     RMSNorm,
     TiedLinear,
-    TransformerSelfAttentionLayer,
 )
 
 from supra.models.supra._spec import recorded_builder
@@ -19,6 +19,7 @@ from supra.modules import (
     ReLUFeatureMap,
     RotaryEmbedding,
     SupraDecoder,
+    SupraLayer,
     decay_slopes,
 )
 
@@ -206,8 +207,9 @@ def supra_decoder(
                 qk_norm=qk_norm, norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base,
                 rope_style=rope_style, impl=impl, **projections,
             )
+        block = TransformerSelfAttentionLayer if i in softmax_layers else SupraLayer
         layers.append(
-            TransformerSelfAttentionLayer(
+            block(
                 attn=attn,
                 mlp=llama2_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
                 sa_norm=build_norm(norm_type, embed_dim, norm_eps),
