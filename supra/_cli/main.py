@@ -1,45 +1,46 @@
-"""``supra``: run the recipes that ship with the library.
+"""``supra``: run recipes, list and copy their configs, convert checkpoints.
 
-    supra ls                      list recipes
-    supra run RECIPE [ARGS...]    run a recipe; ARGS go to the recipe
-    supra convert SRC DST         convert a checkpoint (see supra convert --help)
+    supra ls                                     list recipes and shipped configs
+    supra cp CONFIG DST                          copy a shipped config to edit it
+    supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]
+    supra convert SRC DST [--to supra|openlm] [--linearize] [--dtype bf16]
+    supra tokenize INPUTS... --tokenizer T --out DIR
+
+With torchrun options (``--nproc-per-node 2``, ``--nnodes``, ``--rdzv-endpoint``, ...) the recipe
+runs under ``torch.distributed.run``; without them, in this process.
 """
 
 import argparse
 import runpy
+import shutil
+import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-# Recipes live in the repository's recipes/ folder, beside the package.
-RECIPE_DIRS = [Path(__file__).resolve().parents[2] / "recipes"]
-
-
-def find_recipes() -> Dict[str, Path]:
-    """Recipe name -> script path, for every ``*.py`` in the recipe folders."""
-    recipes = {}
-    for folder in RECIPE_DIRS:
-        if folder.is_dir():
-            recipes.update({p.stem: p for p in sorted(folder.glob("*.py")) if not p.stem.startswith("_")})
-    return recipes
-
-
-def run_recipe(name: str, args: List[str]) -> None:
-    """Runs recipe ``name`` as ``__main__`` with ``args`` as its command line.
-
-    Scripts run by path: torchtune installs a top-level ``recipes`` package that would shadow ours.
-    """
-    recipes = find_recipes()
-    if name not in recipes:
-        raise SystemExit(f"supra: no recipe named {name!r}; available: {', '.join(recipes) or 'none'}")
-    sys.argv = [str(recipes[name]), *args]
-    runpy.run_path(str(recipes[name]), run_name="__main__")
-
+from supra.config import find_config, list_configs, list_recipes, split_launcher_args
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+def run_recipe(name: str, args: List[str]) -> None:
+    """Runs recipe ``name`` with ``args``, under torchrun when launcher options are present.
+
+    Scripts run by path: torchtune installs a top-level ``recipes`` package that would shadow ours.
+    """
+    recipes = list_recipes()
+    if name not in recipes:
+        raise SystemExit(f"supra: no recipe named {name!r}; available: {', '.join(recipes) or 'none'}")
+    launcher, recipe_args = split_launcher_args(args)
+    script = str(recipes[name])
+    if launcher:
+        command = [sys.executable, "-m", "torch.distributed.run", *launcher, script, *recipe_args]
+        raise SystemExit(subprocess.call(command))
+    sys.argv = [script, *recipe_args]
+    runpy.run_path(script, run_name="__main__")
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -58,13 +59,36 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint {args.dst} ({params:,} parameters)")
 
 
+def copy_config(name: str, destination: str) -> None:
+    """Copies a shipped config so it can be edited and passed to ``--config``."""
+    source = find_config(name)
+    target = Path(destination)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise SystemExit(f"supra cp: {target} already exists")
+    shutil.copyfile(source, target)
+    print(f"copied {source} to {target}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # `supra run` passes everything after the recipe name through untouched (torchrun options,
+    # --config, overrides), so it is dispatched before argparse sees those options.
+    if len(argv) >= 2 and argv[0] == "run":
+        return run_recipe(argv[1], argv[2:])
+    if argv and argv[0] == "tokenize":
+        from supra.data.tokenize import main as tokenize_main
+
+        return tokenize_main(argv[1:])
     parser = argparse.ArgumentParser(prog="supra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("ls", help="list recipes")
-    run = commands.add_parser("run", help="run a recipe")
-    run.add_argument("recipe")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the recipe")
+    commands.add_parser("ls", help="list recipes and shipped configs")
+    commands.add_parser("run", help="run a recipe: supra run RECIPE [torchrun options] [--config C] [k=v ...]")
+    commands.add_parser("tokenize", help="tokenize text/jsonl/parquet into token shards (supra tokenize --help)")
+    cp = commands.add_parser("cp", help="copy a shipped config")
+    cp.add_argument("config")
+    cp.add_argument("destination")
     conv = commands.add_parser("convert", help="convert a checkpoint", description=convert.__doc__)
     conv.add_argument("src", help="checkpoint folder (supra, hf, openlm) or open_lm .pt file")
     conv.add_argument("dst", help="output folder")
@@ -80,11 +104,20 @@ def main(argv: Optional[List[str]] = None) -> None:
             convert(parsed)
         except ValueError as error:
             raise SystemExit(f"supra convert: {error}") from error
+    elif parsed.command == "cp":
+        try:
+            copy_config(parsed.config, parsed.destination)
+        except ValueError as error:
+            raise SystemExit(f"supra cp: {error}") from error
     elif parsed.command == "ls":
-        for name, path in find_recipes().items():
-            print(f"{name:20s} {path}")
+        print("recipes:")
+        for name, path in list_recipes().items():
+            print(f"  {name:24s} {path}")
+        print("configs:")
+        for name, path in list_configs().items():
+            print(f"  {name:24s} {path}")
     else:
-        run_recipe(parsed.recipe, parsed.args)
+        parser.error("supra run needs a recipe name: supra run RECIPE [...]")
 
 
 if __name__ == "__main__":

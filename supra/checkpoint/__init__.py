@@ -177,11 +177,18 @@ def build_from_spec(spec: Dict[str, Any], source: PathLike = "build record") -> 
 
 
 def save_checkpoint(
-    model: nn.Module, path: PathLike, *, max_shard_size: Union[int, str] = "5GB", overwrite: bool = False
+    model: nn.Module,
+    path: PathLike,
+    *,
+    state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Writes a supra folder: safetensors weights (sharded above ``max_shard_size``, with an index)
     and ``supra_config.json`` recording the builder, its arguments and linearize calls, so that
     ``load_checkpoint(path)`` rebuilds the exact model. Written to a temporary folder, then renamed.
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the full state dict gathered from an
+    FSDP-sharded model on rank 0).
 
     Raises:
         ValueError: if the model has no build record (build it with ``supra.models`` builders or
@@ -195,7 +202,7 @@ def save_checkpoint(
         )
     if spec.get("unsaveable"):
         raise ValueError(f"cannot record how to rebuild this model: it was {spec['unsaveable']}")
-    tensors = _owned_contiguous(model.state_dict())
+    tensors = _owned_contiguous(model.state_dict() if state_dict is None else state_dict)
     record = {"format": "supra", "format_version": FORMAT_VERSION, "supra_version": supra.__version__, **spec}
     path = Path(path)
     with atomic_folder(path, overwrite=overwrite) as folder:

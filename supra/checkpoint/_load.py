@@ -55,17 +55,24 @@ def load_tensors_into(
     loaded: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
     wrong_shape: List[str] = []
+    misshapen: Set[str] = set()
     for checkpoint_name, tensor in tensors:
         for name, value in key_map(checkpoint_name, tensor):
+            shown = checkpoint_name if name == checkpoint_name else f"{checkpoint_name} (as {name})"
             if name not in expected:
-                unexpected.append(checkpoint_name if name == checkpoint_name else f"{checkpoint_name} (as {name})")
+                unexpected.append(shown)
             elif tuple(value.shape) != tuple(expected[name]):
-                wrong_shape.append(f"{name}: checkpoint {list(value.shape)} vs model {list(expected[name])}")
+                wrong_shape.append(f"{shown}: checkpoint {list(value.shape)} vs model {list(expected[name])}")
+                misshapen.add(name)
+            elif name in loaded:
+                # Tied weights arrive under two names; they must agree.
+                if not torch.equal(loaded[name].to(value.device, value.dtype), value):
+                    wrong_shape.append(f"{shown}: a second, different value for {name} (tied weights must be equal)")
             else:
                 if dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
                 loaded[name] = value.to(device)
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(set(expected) - set(loaded) - misshapen)
     allowed = set(may_be_missing)
     not_allowed = [name for name in missing if name not in allowed]
     if not_allowed or unexpected or wrong_shape:
@@ -115,9 +122,9 @@ def _first(names: List[str], count: int = 5) -> str:
 def _mismatch_message(source: str, missing: List[str], unexpected: List[str], wrong_shape: List[str]) -> str:
     parts = [f"{source} does not match the model it describes:"]
     if missing:
-        parts.append(f"missing tensors: {_first(missing)}")
+        parts.append(f"missing tensors (model names): {_first(missing)}")
     if unexpected:
         parts.append(f"unexpected tensors: {_first(unexpected)}")
     if wrong_shape:
-        parts.append(f"wrongly shaped tensors: {_first(wrong_shape)}")
+        parts.append(f"wrongly shaped or conflicting tensors: {_first(wrong_shape)}")
     return "\n  ".join(parts)

@@ -97,7 +97,7 @@ def hf_key_map(tie_word_embeddings: bool):
         if name.endswith("rotary_emb.inv_freq"):
             return []
         if name == "lm_head.weight" and tie_word_embeddings:
-            return []
+            return [("tok_embeddings.weight", tensor)]
         if name == "model.embed_tokens.weight":
             return [("tok_embeddings.weight", tensor)]
         if name == "model.norm.weight":

@@ -119,7 +119,7 @@ def openlm_key_map(config: Dict[str, Any]):
     def key_map(name: str, tensor: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
         name = strip_prefixes(name)
         if name == "output.weight" and tied:
-            return []
+            return [("tok_embeddings.weight", tensor)]
         if name.startswith("norm."):
             return [("norm." + _norm_parameter(norm_type, name[5:]), tensor)]
         match = _LAYER.match(name)

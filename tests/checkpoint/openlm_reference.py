@@ -347,9 +347,25 @@ def write_raw_open_lm_checkpoint(path_pt, state_dict, *, module_prefix=True, ext
     return path_pt
 
 
-def write_open_lm_model_json(path_json, config):
-    """Write the open_lm model config JSON (the same keys as the HF config)."""
+# open_lm's own model JSONs (and its CLI) name three of the HF-openlm keys differently.
+OPEN_LM_JSON_NAMES = {"dim": "hidden_dim", "apply_qk_norm": "qk_norm", "norm_type": "model_norm"}
+
+
+def write_open_lm_model_json(path_json, config, *, open_lm_names=False):
+    """Write the open_lm model config JSON.
+
+    Args:
+        path_json: the file to write.
+        config (dict): an HF "openlm" config.
+        open_lm_names (bool): use open_lm's own key names (``hidden_dim``, ``qk_norm``,
+            ``model_norm``) instead of the HF-openlm ones.
+
+    Returns:
+        Path: the file.
+    """
     path_json = Path(path_json)
     path_json.parent.mkdir(parents=True, exist_ok=True)
+    if open_lm_names:
+        config = {OPEN_LM_JSON_NAMES.get(k, k): v for k, v in config.items() if k != "model_type"}
     path_json.write_text(json.dumps(config, indent=2))
     return path_json

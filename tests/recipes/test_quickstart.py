@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from supra._cli.main import find_recipes, main
+from supra._cli.main import main
+from supra.config import list_recipes as find_recipes
 
 
 def test_ls_lists_the_quickstart(capsys):

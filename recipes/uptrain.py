@@ -1,0 +1,418 @@
+"""Uptrain a linearized (SUPRA) model, or pretrain a linear one from scratch.
+
+    supra run uptrain --config tiny/uptrain [key=value ...]
+    supra run uptrain --nproc-per-node 8 --config mistral_7b/uptrain data.path=/data/shards
+
+One process on a CPU, many GPUs, or many nodes (torchrun): FSDP2 shards every block when there
+is more than one process. The config keys and their defaults are ``DEFAULTS`` below.
+"""
+
+import argparse
+import logging
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+import supra.models
+from supra.checkpoint import load_checkpoint, save_checkpoint
+from supra.checkpoint._io import atomic_folder, iter_tensors, weight_files
+from supra.config import load_config, to_dict
+from supra.convert import linearize, new_parameter_names
+from supra.data import OpenLMWebDataset, TextDataset, TokenShardDataset, build_dataloader, cu_seqlens_from_positions
+from supra.data.python_docs import prepare_python_docs
+from supra.data.tokenize import load_tokenizer
+from supra.training.flops import device_peak_flops, flops_per_token
+from supra.training.loss import lm_loss
+from supra.training.metrics import MetricLogger, ProgressBar, Throughput
+from supra.training.optim import FreezeSchedule, build_param_groups
+from supra.training.parallel import init_distributed, parallelize
+from supra.training.schedule import cosine_with_warmup
+
+logger = logging.getLogger("supra.uptrain")
+
+DEFAULTS: Dict[str, Any] = {
+    "output_dir": "outputs/uptrain",
+    "seed": 0,
+    "device": "auto",
+    "mixed_precision": "bf16",
+    "model": {"checkpoint": None, "builder": None, "kwargs": {}, "dtype": "fp32"},
+    "linearize": {"enabled": True, "layers": None, "decay": "alibi", "decay_start": None, "qk_norm": False,
+                  "feature_dim": None, "rope_style": "half", "norm_type": "rms_norm"},
+    "data": {"type": "shards", "path": None, "files": [], "tokenizer": None, "text_key": "text", "seq_len": 2048,
+             "document_boundaries": False, "num_workers": 0, "heldout_path": None},
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 1000,
+    "optimizer": {"lr": 3e-5, "new_lr": None, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+    "freeze_pretrained": {"enabled": False, "until_step": None},
+    "scheduler": {"warmup_steps": 1000, "min_lr_ratio": None, "min_lr": 1e-5},
+    "clip_grad_norm": 1.0,
+    "z_loss_weight": 0.0,
+    "compile": False,
+    "activation_checkpointing": False,
+    "fsdp": {"reshard_after_forward": True},
+    "log_every_n_steps": 1,
+    "eval_every_n_steps": None,
+    "eval_batches": 4,
+    "save_every_n_steps": 500,
+    "keep_last_n_checkpoints": 2,
+    "resume": False,
+    "metric_logger": {"tensorboard_dir": None, "wandb": None},
+}
+FREE_FORM = ("model.kwargs", "metric_logger.wandb")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UptrainRecipe:
+    """setup() -> train() -> cleanup(); save_checkpoint() every ``save_every_n_steps``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = init_distributed()
+        if cfg.device != "auto":
+            self.device = torch.device(cfg.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0
+
+    # ----- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Validates everything that can fail, then builds model, data, optimizer and loggers."""
+        cfg = self.cfg
+        self._validate()
+        _seed_everything(cfg.seed)
+        self.train_data = self._dataset("train")
+        self.heldout_data = self._dataset("heldout") if cfg.eval_every_n_steps else None
+        self.model = self._build_model()
+        self._check_vocab(self.train_data)
+        self.new_names = new_parameter_names(self.model)
+        frozen = [n for n, _ in self.model.named_parameters() if n not in set(self.new_names)]
+        self.freeze = None
+        if cfg.freeze_pretrained.enabled:
+            self.freeze = FreezeSchedule(self.model, frozen_names=frozen, unfreeze_at_step=cfg.freeze_pretrained.until_step)
+        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
+        param_dtype = DTYPES[cfg.mixed_precision] if self.device.type == "cuda" else None
+        self.model = parallelize(
+            self.model, device=self.device, world_size=self.world_size,
+            activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+            param_dtype=param_dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        )
+        opt = cfg.optimizer
+        groups = build_param_groups(
+            self.model, lr=opt.lr, new_lr=opt.new_lr, weight_decay=opt.weight_decay,
+            new_param_names=self.new_names, include_frozen=True,
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+        self.scheduler = cosine_with_warmup(
+            self.optimizer, warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.max_steps,
+            min_lr_ratio=cfg.scheduler.min_lr_ratio, min_lr=cfg.scheduler.min_lr if cfg.scheduler.min_lr_ratio is None else None,
+        )
+        self.loader = build_dataloader(
+            self.train_data, batch_size=cfg.batch_size, rank=self.rank, world_size=self.world_size,
+            seed=cfg.seed, num_workers=cfg.data.num_workers,
+        )
+        if cfg.resume:
+            self._resume()
+        self.batches = iter(self.loader)
+        self.metrics = MetricLogger(
+            self.output_dir, rank=self.rank, tensorboard_dir=cfg.metric_logger.tensorboard_dir,
+            wandb=to_dict(cfg.metric_logger)["wandb"],
+        )
+        self.throughput = Throughput(
+            world_size=self.world_size, flops_per_token=self.flops_per_token,
+            peak_flops=device_peak_flops(self.device, DTYPES[cfg.mixed_precision]) if self.device.type == "cuda" else None,
+        )
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.output_dir / "config.yaml")
+            params = sum(p.numel() for p in self.model.parameters())
+            logger.info("model: %s parameters (%d new); %d process(es) on %s", f"{params:,}", len(self.new_names),
+                        self.world_size, self.device.type)
+
+    def _validate(self) -> None:
+        """Bad input fails here, before any training step."""
+        cfg = self.cfg
+        if (cfg.model.checkpoint is None) == (cfg.model.builder is None):
+            raise ValueError("set exactly one of model.checkpoint (a checkpoint to load) and model.builder (a supra.models builder)")
+        if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
+            raise ValueError(f"model.checkpoint {cfg.model.checkpoint} does not exist")
+        if cfg.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1; got {cfg.max_steps}")
+        if cfg.scheduler.warmup_steps >= cfg.max_steps:
+            raise ValueError(
+                f"max_steps ({cfg.max_steps}) is reached before warmup ends (scheduler.warmup_steps = "
+                f"{cfg.scheduler.warmup_steps}); lower warmup_steps or raise max_steps"
+            )
+        for key in ("batch_size", "gradient_accumulation_steps", "save_every_n_steps", "log_every_n_steps"):
+            if cfg[key] < 1:
+                raise ValueError(f"{key} must be >= 1; got {cfg[key]}")
+        if cfg.mixed_precision not in DTYPES:
+            raise ValueError(f"mixed_precision {cfg.mixed_precision!r} is unknown; choose one of {sorted(DTYPES)}")
+
+    def _dataset(self, split: str):
+        """The training (or held-out) dataset named by ``data.type``."""
+        data = self.cfg.data
+        seq_len, boundaries = data.seq_len, data.document_boundaries
+        if data.type == "python_docs":
+            folder = prepare_python_docs(self.output_dir / "data") if self.rank == 0 else None
+            _barrier()
+            folder = prepare_python_docs(self.output_dir / "data")
+            return TokenShardDataset(folder[split], seq_len, document_boundaries=boundaries)
+        path = data.path if split == "train" else data.heldout_path
+        if split == "heldout" and path is None:
+            raise ValueError("eval_every_n_steps needs data.heldout_path (held-out data in the same format)")
+        if data.type == "shards":
+            _require_path(path, "data.path" if split == "train" else "data.heldout_path")
+            return TokenShardDataset(path, seq_len, document_boundaries=boundaries)
+        if data.type == "open_lm":
+            _require_path(path, "data.path" if split == "train" else "data.heldout_path")
+            return OpenLMWebDataset(path, seq_len)
+        if data.type == "text":
+            files = list(data.files) if split == "train" else [path]
+            for file in files:
+                _require_path(file, "data.files")
+            if data.tokenizer is None:
+                raise ValueError("data.type 'text' needs data.tokenizer (a sentencepiece .model or HF tokenizer.json)")
+            return TextDataset(files, load_tokenizer(data.tokenizer), seq_len, text_key=data.text_key,
+                               document_boundaries=boundaries)
+        raise ValueError(f"data.type {data.type!r} is unknown; choose one of ['shards', 'open_lm', 'text', 'python_docs']")
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        dtype = DTYPES[cfg.model.dtype]
+        if cfg.model.checkpoint is not None:
+            model = load_checkpoint(cfg.model.checkpoint, dtype=dtype)
+        else:
+            if cfg.model.builder not in supra.models.__all__:
+                raise ValueError(f"model.builder {cfg.model.builder!r} is not a supra.models builder; known: {supra.models.__all__}")
+            model = getattr(supra.models, cfg.model.builder)(**to_dict(cfg.model)["kwargs"]).to(dtype)
+        has_softmax = any(not hasattr(layer.attn, "decay") for layer in model.layers)
+        if cfg.linearize.enabled and has_softmax:
+            args = {k: v for k, v in to_dict(cfg.linearize).items() if k != "enabled" and v is not None}
+            softmax = [i for i, layer in enumerate(model.layers) if not hasattr(layer.attn, "decay")]
+            args["layers"] = args.get("layers", softmax)
+            linearize(model, **args)
+        return model.to(self.device).train()
+
+    def _check_vocab(self, dataset) -> None:
+        vocab = getattr(dataset, "vocab_size", None)
+        embeddings = self.model.tok_embeddings.num_embeddings
+        if vocab is not None and vocab > embeddings:
+            raise ValueError(
+                f"the data's tokenizer has a vocabulary of {vocab} ids but the model embeds only {embeddings}: "
+                "use the model's own tokenizer"
+            )
+
+    # ----- training ----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = ProgressBar(cfg.max_steps, initial_step=self.step, enabled=self.rank == 0)
+        while self.step < cfg.max_steps:
+            if self.freeze is not None:
+                self.freeze.step(self.step)
+            metrics = self._train_step()
+            self.step += 1
+            if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.max_steps:
+                metrics.update(self.throughput.compute())
+                if cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0:
+                    metrics["heldout_loss"] = self.evaluate()
+                self.metrics.log(self.step, metrics)
+                bar.update(self.step, metrics)
+            if self.step % cfg.save_every_n_steps == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def _train_step(self) -> Dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, the loss normalized
+        by the true number of target tokens across micro-batches and ranks."""
+        cfg = self.cfg
+        micro_batches = [next(self.batches) for _ in range(cfg.gradient_accumulation_steps)]
+        total_tokens = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro_batches), dtype=torch.float64)
+        total_tokens = _all_reduce_sum(total_tokens.to(self.device))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if self.world_size > 1:
+                self.model.set_requires_gradient_sync(last)
+            parts = lm_loss(self._forward(self.model, batch), batch["labels"].to(self.device), z_loss_weight=cfg.z_loss_weight)
+            # FSDP averages gradients over ranks; the world size turns that average into the sum
+            # that normalizing by the global token count needs.
+            (parts.unnormalized() * (self.world_size / total_tokens).float()).backward()
+            loss_sum += parts.ce_sum.detach().double()
+            self.throughput.add(batch["tokens"].numel())
+        loss = (_all_reduce_sum(loss_sum) / total_tokens).item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {self.step + 1}; stopping without saving (the last good checkpoint "
+                f"in {self.output_dir / 'checkpoints'} is intact). Lower the learning rate or check the data."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], **lrs}
+
+    def _forward(self, model, batch) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device)
+        if not self.cfg.data.document_boundaries:
+            return model(tokens)
+        positions = batch["positions"].to(self.device)
+        return model(tokens, input_pos=positions, cu_seqlens=cu_seqlens_from_positions(positions))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over ``eval_batches`` batches of the held-out data."""
+        self.model.eval()
+        loader = build_dataloader(self.heldout_data, batch_size=self.cfg.batch_size, rank=self.rank,
+                                  world_size=self.world_size, seed=0, shuffle=False)
+        ce, tokens = torch.zeros((), dtype=torch.float64, device=self.device), torch.zeros((), dtype=torch.float64, device=self.device)
+        for _, batch in zip(range(self.cfg.eval_batches), loader):
+            parts = lm_loss(self._forward(self.model, batch), batch["labels"].to(self.device))
+            ce += parts.ce_sum.double()
+            tokens += parts.num_tokens.double()
+        self.model.train()
+        return (_all_reduce_sum(ce) / _all_reduce_sum(tokens)).item()
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """``checkpoints/step_N``: the model as a supra folder (``load_checkpoint`` reads it), the
+        optimizer (sharded, torch.distributed.checkpoint) and per-rank trainer state (scheduler,
+        data position, RNG); written under a temporary name and renamed when complete."""
+        root = self.output_dir / "checkpoints"
+        final = root / f"step_{self.step:07d}"
+        staging = root / f".step_{self.step:07d}.partial"
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            save_checkpoint(_unwrapped(self.model), staging / "model", state_dict=full)
+        _barrier()
+        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(staging / "optimizer"))
+        torch.save(self._trainer_state(), staging / f"trainer_rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            for old in _complete_checkpoints(root)[: -self.cfg.keep_last_n_checkpoints or None]:
+                shutil.rmtree(old)
+            logger.info("saved %s", final)
+        _barrier()
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "freeze": self.freeze.state_dict() if self.freeze else None,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def _resume(self) -> None:
+        checkpoints = _complete_checkpoints(self.output_dir / "checkpoints")
+        if not checkpoints:
+            logger.warning("resume=true but %s has no complete checkpoint: starting from step 0", self.output_dir)
+            return
+        latest = checkpoints[-1]
+        weights = dict(t for f in weight_files(latest / "model") for t in iter_tensors(f))
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        optimizer_state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(optimizer_state, checkpoint_id=str(latest / "optimizer"))
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state["optimizer"])
+        state = torch.load(latest / f"trainer_rank{self.rank}.pt", weights_only=False)
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        if self.freeze is not None and state["freeze"] is not None:
+            self.freeze.load_state_dict(state["freeze"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.rank == 0:
+            logger.info("resumed from %s (step %d)", latest, self.step)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _complete_checkpoints(root: Path) -> List[Path]:
+    """Renamed (complete) step folders, oldest first; partial ones start with a dot."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _require_path(path: Optional[str], key: str) -> None:
+    if path is None or not Path(path).exists():
+        raise ValueError(f"{key} {path} does not exist")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def recipe_main(cfg: DictConfig) -> None:
+    """Runs the whole recipe on a parsed config."""
+    recipe = UptrainRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        if hasattr(recipe, "metrics"):
+            recipe.cleanup()
+
+
+def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=1e-4")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, defaults=DEFAULTS, free_form=FREE_FORM)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        config = parse_args()
+    except ValueError as error:
+        raise SystemExit(f"uptrain: {error}") from error
+    recipe_main(config)
