@@ -178,7 +178,9 @@ class FreezeSchedule:
 
     Parameters are looked up by name at every change, so the schedule also works after
     ``fully_shard`` (FSDP2 copies ``requires_grad`` from the sharded parameter at each unshard)
-    and ``torch.compile`` (which recompiles once when ``requires_grad`` changes).
+    and ``torch.compile`` (which recompiles once when ``requires_grad`` changes). DDP, by
+    contrast, fixes the set of parameters it reduces when it is built: do not combine it with
+    a schedule that unfreezes later.
 
     Step convention: call ``step(step)`` before the forward pass of optimizer step ``step``
     (0-based). With ``unfreeze_at_step=N``, optimizer steps 0 .. N-1 leave the frozen
@@ -203,7 +205,8 @@ class FreezeSchedule:
         if unfreeze_at_step is not None and unfreeze_at_step < 0:
             raise ValueError(f"unfreeze_at_step must be >= 0 or None; got {unfreeze_at_step}")
         self.model = model
-        self.frozen_names: Sequence[str] = _check_names(frozen_names, _named_parameters(model), "frozen_names")
+        known = _named_parameters(model)
+        self.frozen_names: Sequence[str] = _check_names(frozen_names, known, "frozen_names")
         self.unfreeze_at_step = unfreeze_at_step
         self._frozen = False
         self._set_requires_grad(False)
