@@ -34,9 +34,16 @@ from supra.checkpoint import load_checkpoint, save_checkpoint
 from supra.checkpoint._io import atomic_folder, iter_tensors, weight_files
 from supra.config import load_config, to_dict
 from supra.convert import linearize, new_parameter_names
-from supra.data import OpenLMWebDataset, TextDataset, TokenShardDataset, build_dataloader, cu_seqlens_from_positions
+from supra.data import (
+    load_tokenizer,
+    InfiniteLoader,
+    OpenLMWebDataset,
+    TextDataset,
+    TokenShardDataset,
+    build_dataloader,
+    cu_seqlens_from_positions,
+)
 from supra.data.python_docs import prepare_python_docs
-from supra.data.tokenize import load_tokenizer
 from supra.training.flops import device_peak_flops, flops_per_token
 from supra.training.loss import lm_loss
 from supra.training.metrics import MetricLogger, ProgressBar, Throughput
@@ -126,9 +133,9 @@ class UptrainRecipe:
             self.train_data, batch_size=cfg.batch_size, rank=self.rank, world_size=self.world_size,
             seed=cfg.seed, num_workers=cfg.data.num_workers,
         )
+        self.batches = InfiniteLoader(self.loader)
         if cfg.resume:
             self._resume()
-        self.batches = iter(self.loader)
         self.metrics = MetricLogger(
             self.output_dir, rank=self.rank, tensorboard_dir=cfg.metric_logger.tensorboard_dir,
             wandb=to_dict(cfg.metric_logger)["wandb"],
@@ -321,7 +328,7 @@ class UptrainRecipe:
         return {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
+            "loader": self.batches.state_dict(),
             "freeze": self.freeze.state_dict() if self.freeze else None,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -341,7 +348,7 @@ class UptrainRecipe:
         state = torch.load(latest / f"trainer_rank{self.rank}.pt", weights_only=False)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+        self.batches.load_state_dict(state["loader"])
         if self.freeze is not None and state["freeze"] is not None:
             self.freeze.load_state_dict(state["freeze"])
         random.setstate(state["rng"]["python"])

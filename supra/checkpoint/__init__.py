@@ -31,6 +31,7 @@ from supra.checkpoint._io import (
 )
 from supra.checkpoint._load import build_on_meta, load_tensors_into
 from supra.checkpoint.hf import hf_decoder_kwargs, hf_key_map
+from supra.models.supra._spec import RECORDED_BUILDERS
 from supra.checkpoint.openlm import (
     normalize_openlm_config,
     openlm_config_from_model,
@@ -90,8 +91,9 @@ def load_checkpoint(
         dtype (Optional[torch.dtype]): cast floating weights; None keeps the stored dtypes.
         device: where the model goes (default CPU).
         config: the open_lm model config (path or dict), for ``open_lm_raw`` checkpoints only.
-        linearize: for softmax (``hf``) checkpoints: True or ``supra.convert.linearize`` arguments
-            to load them into a SUPRA model; its new parameters are initialized (and logged).
+        linearize: for softmax (``hf``) checkpoints: True (defaults) or a dict of
+            ``supra.convert.linearize`` arguments (``{}`` also means defaults) to load them into a
+            SUPRA model; its new parameters are initialized (and logged). None or False: as stored.
 
     Returns:
         nn.Module: a ``supra.modules.SupraDecoder`` (a torchtune ``TransformerDecoder``) in eval mode.
@@ -106,7 +108,8 @@ def load_checkpoint(
     fmt = detect_format(path)
     if config is not None and fmt != "open_lm_raw":
         raise ValueError(f"config= is only for open_lm_raw checkpoint files; {path} is a {fmt!r} checkpoint")
-    if linearize and fmt != "hf":
+    linearize = None if linearize is False else linearize
+    if linearize is not None and fmt != "hf":
         raise ValueError(f"linearize= applies to softmax (hf) checkpoints; {path} is a {fmt!r} checkpoint, already SUPRA")
     linearize_args = {} if linearize is True else dict(linearize or {})
     may_be_missing = []
@@ -118,7 +121,7 @@ def load_checkpoint(
     elif fmt == "hf":
         kwargs = hf_decoder_kwargs(read_json(path / "config.json"))
         model = build_on_meta(lambda: supra.models.supra_decoder(**kwargs))
-        if linearize:
+        if linearize is not None:
             build_on_meta(lambda: linearize_model(model, **linearize_args))
             may_be_missing = new_parameter_names(model)
         tensors, key_map = _folder_tensors(path), hf_key_map(kwargs["tie_word_embeddings"])
@@ -168,9 +171,9 @@ def build_from_spec(spec: Dict[str, Any], source: PathLike = "build record") -> 
     from supra.convert import linearize
 
     name = spec.get("builder")
-    if name not in supra.models.__all__ or not callable(getattr(supra.models, name, None)):
-        raise ValueError(f"{source}: builder {name!r} is not a supra.models builder; known: {supra.models.__all__}")
-    model = getattr(supra.models, name)(**spec.get("kwargs", {}))
+    if name not in RECORDED_BUILDERS:
+        raise ValueError(f"{source}: builder {name!r} is not a supra.models model builder; known: {sorted(RECORDED_BUILDERS)}")
+    model = RECORDED_BUILDERS[name](**spec.get("kwargs", {}))
     for call in spec.get("linearize", []):
         linearize(model, **{k: v for k, v in call.items() if not (k == "feature_map" and v is None)})
     return model

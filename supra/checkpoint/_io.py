@@ -106,7 +106,7 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
             os.rename(path, old)
         os.rename(temporary, path)
         if old.exists():
-            shutil.rmtree(old)
+            (shutil.rmtree if old.is_dir() and not old.is_symlink() else os.remove)(old)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary)

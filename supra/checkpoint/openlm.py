@@ -208,10 +208,20 @@ def _check_expressible(model: nn.Module, first: LinearAttention) -> None:
             "shapes that differ between layers": (attn.num_heads, attn.num_kv_heads, attn.feature_dim) != (first.num_heads, first.num_kv_heads, first.feature_dim),
             "decay slopes that differ between layers": not torch.equal(attn.decay.slopes, first.decay.slopes),
             "q/k norms on some layers only": (attn.q_norm is None) != (first.q_norm is None),
+            "q/k norms of another type or eps than the block norms (open_lm uses one norm everywhere)": any(
+                norm is not None and not _same_norm_module(norm, model.norm) for norm in (attn.q_norm, attn.k_norm)
+            ),
         }
         for problem, present in problems.items():
             if present:
                 raise ValueError(f"layer {i} has {problem}, which the openlm layout cannot express")
+
+
+def _same_norm_module(a: nn.Module, b: nn.Module) -> bool:
+    """Same class, same affine parameters present and same eps."""
+    def signature(norm):
+        return (type(norm), getattr(norm, "weight", None) is not None, getattr(norm, "bias", None) is not None, _norm_eps(norm))
+    return signature(a) == signature(b)
 
 
 def _norm_type(model: nn.Module) -> str:

@@ -6,6 +6,9 @@ from typing import Any, Callable, Dict
 from torch import nn
 
 SPEC_ATTRIBUTE = "supra_spec"
+# Public model builders (in supra.models) whose models carry a build record: the only names a
+# checkpoint config may ask to call.
+RECORDED_BUILDERS: Dict[str, Callable] = {}
 
 
 def _jsonable(value: Any) -> Any:
@@ -33,6 +36,7 @@ def recorded_builder(name: str) -> Callable:
             setattr(model, SPEC_ATTRIBUTE, {"builder": name, "kwargs": _jsonable(kwargs), "linearize": []})
             return model
 
+        RECORDED_BUILDERS[name] = build
         return build
 
     return decorate
