@@ -29,8 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import supra.models
-from supra.checkpoint import load_checkpoint, save_checkpoint
+from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from supra.checkpoint._io import atomic_folder, iter_tensors, weight_files
 from supra.config import load_config, to_dict
 from supra.convert import linearize, new_parameter_names
@@ -80,6 +79,7 @@ DEFAULTS: Dict[str, Any] = {
     "save_every_n_steps": 500,
     "keep_last_n_checkpoints": 2,
     "resume": False,
+    "stop_after_n_steps": None,
     "metric_logger": {"tensorboard_dir": None, "wandb": None},
 }
 FREE_FORM = ("model.kwargs", "metric_logger.wandb")
@@ -205,9 +205,8 @@ class UptrainRecipe:
         if cfg.model.checkpoint is not None:
             model = load_checkpoint(cfg.model.checkpoint, dtype=dtype)
         else:
-            if cfg.model.builder not in supra.models.__all__:
-                raise ValueError(f"model.builder {cfg.model.builder!r} is not a supra.models builder; known: {supra.models.__all__}")
-            model = getattr(supra.models, cfg.model.builder)(**to_dict(cfg.model)["kwargs"]).to(dtype)
+            spec = {"builder": cfg.model.builder, "kwargs": to_dict(cfg.model)["kwargs"]}
+            model = build_from_spec(spec, source="model.builder").to(dtype)
         has_softmax = any(not hasattr(layer.attn, "decay") for layer in model.layers)
         if cfg.linearize.enabled and has_softmax:
             args = {k: v for k, v in to_dict(cfg.linearize).items() if k != "enabled" and v is not None}
@@ -229,18 +228,24 @@ class UptrainRecipe:
     def train(self) -> None:
         cfg = self.cfg
         bar = ProgressBar(cfg.max_steps, initial_step=self.step, enabled=self.rank == 0)
-        while self.step < cfg.max_steps:
+        # stop_after_n_steps ends this run early (a job time limit); resume=true continues it.
+        last_step = cfg.max_steps if cfg.stop_after_n_steps is None else min(cfg.max_steps, self.step + cfg.stop_after_n_steps)
+        while self.step < last_step:
             if self.freeze is not None:
                 self.freeze.step(self.step)
             metrics = self._train_step()
             self.step += 1
-            if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.max_steps:
+            done = self.step == cfg.max_steps
+            log_now = self.step % cfg.log_every_n_steps == 0 or done
+            eval_now = bool(cfg.eval_every_n_steps) and (self.step % cfg.eval_every_n_steps == 0 or done)
+            if log_now:
                 metrics.update(self.throughput.compute())
-                if cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0:
-                    metrics["heldout_loss"] = self.evaluate()
+            if eval_now:
+                metrics["heldout_loss"] = self.evaluate()
+            if log_now or eval_now:
                 self.metrics.log(self.step, metrics)
                 bar.update(self.step, metrics)
-            if self.step % cfg.save_every_n_steps == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_every_n_steps == 0 or self.step == last_step:
                 self.save_checkpoint()
         bar.close()
 

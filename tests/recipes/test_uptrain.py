@@ -1,0 +1,124 @@
+"""The uptrain recipe end to end on CPU: configs, bad input, resume, loss, FSDP2 with 2 processes."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from supra.config import list_configs, load_config, recipe_root
+from supra.data import write_token_shards
+
+RECIPE = runpy.run_path(str(recipe_root() / "uptrain.py"), run_name="uptrain_under_test")
+SMALL = [
+    "model.kwargs.num_layers=2", "model.kwargs.embed_dim=64", "model.kwargs.intermediate_dim=128",
+    "model.kwargs.softmax_layers=[0,1]", "data.seq_len=64", "batch_size=4", "log_every_n_steps=1",
+    "eval_every_n_steps=null", "scheduler.warmup_steps=2",
+]
+
+
+def _config(tmp_path, *overrides):
+    return load_config(
+        "tiny/uptrain", [f"output_dir={tmp_path}", *SMALL, *overrides],
+        defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"],
+    )
+
+
+def _losses(output_dir):
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    # A resumed run appends to the same file; the last record of each step wins.
+    return {record["step"]: record["loss"] for record in lines if "loss" in record}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in list_configs() if n.endswith(("uptrain", "pretrain"))))
+def test_every_shipped_uptrain_config_validates(name):
+    config = load_config(name, defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"])
+    assert config.max_steps > config.scheduler.warmup_steps
+
+
+def test_misspelled_keys_list_the_valid_ones_nearby(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'optimzer'. Did you mean 'optimizer'"):
+        _config(tmp_path, "optimzer.lr=1e-4")
+    with pytest.raises(ValueError, match=r"unknown config key 'optimizer.learning_rate'.*Valid keys in section 'optimizer'"):
+        _config(tmp_path, "optimizer.learning_rate=1e-4")
+    with pytest.raises(ValueError, match="overrides must look like key=value"):
+        _config(tmp_path, "max_steps")
+
+
+def _setup(config):
+    recipe = RECIPE["UptrainRecipe"](config)
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.builder=null", "model.checkpoint=/no/such/checkpoint"], "model.checkpoint /no/such/checkpoint does not exist"),
+        (["data.type=shards", "data.path=/no/such/shards"], "data.path /no/such/shards does not exist"),
+        (["max_steps=4", "scheduler.warmup_steps=4"], "max_steps \\(4\\) is reached before warmup ends"),
+        (["batch_size=0"], "batch_size must be >= 1"),
+        (["data.type=parquet"], "data.type 'parquet' is unknown"),
+        (["model.builder=build_norm"], "is not a supra.models model builder"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _setup(_config(tmp_path, *overrides))
+
+
+def test_empty_dataset_vocab_mismatch_and_indivisible_batch_fail_before_training(tmp_path):
+    tiny = write_token_shards([[1, 2, 3]], tmp_path / "tiny", vocab_size=258)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        _setup(_config(tmp_path / "a", "data.type=shards", f"data.path={tiny}"))
+    big_vocab = write_token_shards([list(range(1000)) * 3], tmp_path / "big", vocab_size=1000)
+    with pytest.raises(ValueError, match="vocabulary of 1000 ids but the model embeds only 258"):
+        _setup(_config(tmp_path / "b", "data.type=shards", f"data.path={big_vocab}"))
+    few = write_token_shards([list(range(200))], tmp_path / "few", vocab_size=258)
+    with pytest.raises(ValueError, match="batch"):
+        _setup(_config(tmp_path / "c", "data.type=shards", f"data.path={few}"))
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    common = ["max_steps=8", "save_every_n_steps=4"]
+    RECIPE["recipe_main"](_config(tmp_path / "straight", *common))
+    RECIPE["recipe_main"](_config(tmp_path / "resumed", *common, "stop_after_n_steps=4"))
+    assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3, 4]
+    RECIPE["recipe_main"](_config(tmp_path / "resumed", *common, "resume=true"))
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == straight
+    from supra.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_0000008" / "model")
+    assert model(torch.randint(0, 258, (1, 8))).shape == (1, 8, 258)
+
+
+def test_loss_goes_down_on_real_text(tmp_path):
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=25", "save_every_n_steps=25", "eval_every_n_steps=25"))
+    losses = _losses(tmp_path)
+    assert sum(losses[s] for s in (23, 24, 25)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.5
+    heldout = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "heldout_loss" in l]
+    assert heldout and heldout[-1]["heldout_loss"] < 5.0
+
+
+@pytest.mark.slow
+def test_two_processes_with_fsdp_and_compile_match_one_process(tmp_path):
+    steps = ["max_steps=4", "save_every_n_steps=4", "compile=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--config", "tiny/uptrain", *SMALL, *steps]
+    two = subprocess.run(
+        [sys.executable, "-m", "supra._cli.main", "run", "uptrain", "--nproc-per-node", "2", "--master-port", "29533",
+         *args, f"output_dir={tmp_path / 'two'}", "batch_size=2"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    RECIPE["recipe_main"](_config(tmp_path / "one", *steps))
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
