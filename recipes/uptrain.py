@@ -268,18 +268,20 @@ class UptrainRecipe:
             loss_sum += parts.ce_sum.detach().double()
             self.throughput.add(batch["tokens"].numel())
         loss = (_all_reduce_sum(loss_sum) / total_tokens).item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss} at step {self.step + 1}; stopping without saving (the last good checkpoint "
-                f"in {self.output_dir / 'checkpoints'} is intact). Lower the learning rate or check the data."
-            )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                # Checked before the update: non-finite gradients never reach the weights.
+                raise FloatingPointError(
+                    f"{name} is {value} at step {self.step + 1}; stopping without saving (the last good checkpoint "
+                    f"in {self.output_dir / 'checkpoints'} is intact). Lower the learning rate or check the data."
+                )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], **lrs}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], **lrs}
 
     def _forward(self, model, batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)

@@ -122,3 +122,30 @@ def test_two_processes_with_fsdp_and_compile_match_one_process(tmp_path):
     assert sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
+    # An absurd learning rate blows the weights up after the first update.
+    config = _config(tmp_path, "max_steps=6", "save_every_n_steps=1", "optimizer.lr=1e30", "optimizer.new_lr=1e30",
+                     "scheduler.warmup_steps=0", "clip_grad_norm=null")
+    with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step 2; stopping without saving"):
+        RECIPE["recipe_main"](config)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved == ["step_0000001"]
+
+
+def test_tokenize_command_writes_shards_the_recipe_trains_on(tmp_path):
+    from supra._cli.main import main
+    from supra.data.python_docs import python_docs_documents
+
+    texts = tmp_path / "docs.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": t}) for t in python_docs_documents("heldout")))
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(python_docs_documents("heldout")), model_prefix=str(tmp_path / "sp"),
+        vocab_size=200, model_type="bpe", eos_id=1, bos_id=2, unk_id=0, pad_id=-1,
+    )
+    assert main(["tokenize", str(texts), "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "shards")]) in (0, None)
+    recipe = _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={tmp_path / 'shards'}", "model.kwargs.vocab_size=200"))
+    assert recipe.train_data.vocab_size == 200 and len(recipe.train_data) > 4
