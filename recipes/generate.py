@@ -1,0 +1,128 @@
+"""Generate text from any checkpoint ``load_checkpoint`` reads, from its recurrent state.
+
+    supra run generate --config tiny/generate prompt="The with statement"
+    supra run generate --config mistral_7b/generate checkpoint=checkpoints/mistral-supra prompt="..."
+
+Prints the text as it is generated, then prefill and decode tokens/s and the state size.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from supra.checkpoint import load_checkpoint
+from supra.config import load_config, to_dict
+from supra.data import load_tokenizer
+from supra.data.python_docs import ByteTokenizer
+from supra.generation import generate
+from supra.modules import is_linear_layer
+
+DEFAULTS = {
+    "checkpoint": None,
+    "tokenizer": None,
+    "prompt": "Hello",
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_k": None,
+    "top_p": None,
+    "repetition_penalty": 1.0,
+    "seed": 0,
+    "stop_at_eos": True,
+    "compile": False,
+    "device": "auto",
+    "dtype": None,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint folder, or an uptrain ``output_dir`` (its latest complete checkpoint)."""
+    if path is None:
+        raise ValueError("set checkpoint= (a checkpoint folder, or an uptrain output_dir)")
+    folder = Path(path)
+    steps = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
+    if steps:
+        return steps[-1] / "model"
+    if not folder.exists():
+        raise ValueError(f"checkpoint {folder} does not exist (run the uptrain recipe first, or point at a checkpoint folder)")
+    return folder
+
+
+def resolve_tokenizer(name: Optional[str], checkpoint: Path):
+    """``bytes``, a tokenizer path, or (None) the tokenizer files inside the checkpoint folder."""
+    if name == "bytes":
+        return ByteTokenizer()
+    if name is not None:
+        return load_tokenizer(name)
+    for file in TOKENIZER_FILES:
+        if (checkpoint / file).exists():
+            return load_tokenizer(checkpoint / file)
+    raise ValueError(f"{checkpoint} has no {' or '.join(TOKENIZER_FILES)}; set tokenizer= (a path, or 'bytes')")
+
+
+def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
+    """Bytes of float32 recurrent state for ``batch_size`` sequences: constant in context length."""
+    return sum(
+        batch_size * layer.attn.num_heads * layer.attn.feature_dim * layer.attn.head_dim * 4
+        for layer in model.layers if is_linear_layer(layer)
+    )
+
+
+def recipe_main(cfg: DictConfig) -> List[int]:
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, checkpoint)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    model = load_checkpoint(checkpoint, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, device=device)
+    prompt = tokenizer.encode(cfg.prompt)
+    if getattr(tokenizer, "bos_id", None) is not None and tokenizer.bos_id >= 0 and not isinstance(tokenizer, ByteTokenizer):
+        prompt = [tokenizer.bos_id] + prompt
+    stop = [tokenizer.eos_id] if cfg.stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
+
+    generated: List[int] = []
+    shown = ""
+    times = []
+
+    def stream(step: int, tokens: torch.Tensor) -> None:
+        nonlocal shown
+        times.append(time.perf_counter())
+        generated.append(int(tokens[0]))
+        text = tokenizer.decode(generated)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    print(cfg.prompt, end="", flush=True)
+    start = time.perf_counter()
+    generate(
+        model, [prompt], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, stop_tokens=stop, seed=cfg.seed,
+        callback=stream, compile=cfg.compile,
+    )
+    print()
+    prefill_s = times[0] - start
+    decode_s = times[-1] - times[0]
+    decode_rate = (len(times) - 1) / decode_s if decode_s > 0 else float("nan")
+    print(f"prefill: {len(prompt)} tokens in {prefill_s:.3f} s ({len(prompt) / prefill_s:.0f} tokens/s); "
+          f"decode: {len(times)} tokens at {decode_rate:.1f} tokens/s")
+    print(f"recurrent state: {recurrent_state_bytes(model) / 2**20:.2f} MiB per sequence, whatever the context length")
+    return generated
+
+
+def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
+    parser.add_argument("overrides", nargs="*", help='key=value overrides, e.g. prompt="Once upon a time"')
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, defaults=DEFAULTS)
+
+
+if __name__ == "__main__":
+    try:
+        recipe_main(parse_args())
+    except ValueError as error:
+        raise SystemExit(f"generate: {error}") from error
