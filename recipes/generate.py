@@ -7,7 +7,6 @@ Prints the text as it is generated, then prefill and decode tokens/s and the sta
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from supra.checkpoint import load_checkpoint
-from supra.config import load_config, to_dict
+from supra.config import load_config
 from supra.data import load_tokenizer
 from supra.data.python_docs import ByteTokenizer
 from supra.generation import generate

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
-from supra.checkpoint._io import atomic_folder, iter_tensors, weight_files
+from supra.checkpoint._io import iter_tensors, weight_files
 from supra.config import load_config, to_dict
 from supra.convert import linearize, new_parameter_names
 from supra.data import (
@@ -176,10 +176,12 @@ class UptrainRecipe:
         data = self.cfg.data
         seq_len, boundaries = data.seq_len, data.document_boundaries
         if data.type == "python_docs":
-            folder = prepare_python_docs(self.output_dir / "data") if self.rank == 0 else None
+            # Rank 0 writes the shards; the others read them once they exist.
+            if self.rank == 0:
+                prepare_python_docs(self.output_dir / "data")
             _barrier()
-            folder = prepare_python_docs(self.output_dir / "data")
-            return TokenShardDataset(folder[split], seq_len, document_boundaries=boundaries)
+            folders = prepare_python_docs(self.output_dir / "data")
+            return TokenShardDataset(folders[split], seq_len, document_boundaries=boundaries)
         path = data.path if split == "train" else data.heldout_path
         if split == "heldout" and path is None:
             raise ValueError("eval_every_n_steps needs data.heldout_path (held-out data in the same format)")
