@@ -117,18 +117,18 @@ def load_checkpoint(
     if fmt == "supra":
         spec = read_json(path / SUPRA_CONFIG)
         model = build_on_meta(lambda: build_from_spec(spec, source=path / SUPRA_CONFIG))
-        tensors, key_map = _folder_tensors(path), _identity
+        tensors, key_map = _folder_tensors(path, transient=dtype is not None), _identity
     elif fmt == "hf":
         kwargs = hf_decoder_kwargs(read_json(path / "config.json"))
         model = build_on_meta(lambda: supra.models.supra_decoder(**kwargs))
         if linearize is not None:
             build_on_meta(lambda: linearize_model(model, **linearize_args))
             may_be_missing = new_parameter_names(model)
-        tensors, key_map = _folder_tensors(path), hf_key_map(kwargs["tie_word_embeddings"])
+        tensors, key_map = _folder_tensors(path, transient=dtype is not None), hf_key_map(kwargs["tie_word_embeddings"])
     else:
         if fmt == "openlm":
             openlm_config = normalize_openlm_config(read_json(path / "config.json"))
-            tensors = _folder_tensors(path)
+            tensors = _folder_tensors(path, transient=dtype is not None)
         else:
             if config is None:
                 raise ValueError(
@@ -152,13 +152,13 @@ def _identity(name, tensor):
     return [(name, tensor)]
 
 
-def _folder_tensors(folder: Path):
+def _folder_tensors(folder: Path, transient: bool = False):
     files = weight_files(folder)
     if not files:
         tried = "\n  ".join(f"{name}: {needs}" for name, needs in FORMATS.items())
         raise ValueError(f"{folder} has a config but no weight files. Formats:\n  {tried}")
     for file in files:
-        yield from iter_tensors(file)
+        yield from iter_tensors(file, transient=transient)
 
 
 def build_from_spec(spec: Dict[str, Any], source: PathLike = "build record") -> nn.Module:

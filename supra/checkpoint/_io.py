@@ -43,9 +43,13 @@ def weight_files(folder: Path) -> List[Path]:
     return sorted(folder.glob("model-*-of-*.safetensors")) or sorted(folder.glob("pytorch_model-*-of-*.bin"))
 
 
-def iter_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_tensors(path: Path, *, transient: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yields (name, tensor) from one weight file, one tensor at a time where the format allows
     (safetensors is read lazily; pickles are memory-mapped).
+
+    ``transient=True`` (the caller converts each tensor and drops it) reads safetensors into a
+    buffer per tensor instead of one file mapping, so the pages of converted tensors are freed
+    at once rather than when the file closes.
 
     Raises:
         ValueError: naming the file, when it is truncated, corrupt or not a weight file.
@@ -53,7 +57,8 @@ def iter_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            options = {"backend": "pread"} if transient else {}
+            with safe_open(str(path), framework="pt", device="cpu", **options) as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except Exception as error:  # safetensors raises its own error types for corrupt headers

@@ -148,8 +148,9 @@ def _split_rows(name: str, tensor: torch.Tensor, rows: List[int]) -> List[torch.
         raise ValueError(
             f"wrongly shaped tensor {name}: {list(tensor.shape)}, expected {sum(rows)} rows ({' + '.join(map(str, rows))})"
         )
-    # Clones, so each parameter owns its storage (safetensors refuses shared storage on save).
-    return [part.clone() for part in torch.split(tensor, rows, dim=0)]
+    # Views, not copies: memory stays at one copy of the weights (save_checkpoint copies
+    # tensors that share storage before writing safetensors).
+    return list(torch.split(tensor, rows, dim=0))
 
 
 def openlm_config_from_model(model: nn.Module) -> Dict[str, Any]:
