@@ -82,11 +82,14 @@ def generate(
     stop = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
 
     with _prepared_caches(model, batch_size, total_len):
-        hybrid = HybridInputs(prompt_mask, max_new_tokens) if not all(is_linear_layer(l) for l in model.layers) else None
+        softmax = [layer for layer in model.layers if not is_linear_layer(layer)]
+        hybrid = HybridInputs(prompt_mask, max_new_tokens, softmax[0].attn.kv_cache.k_cache.shape[2]) if softmax else None
         prefill_kwargs = hybrid.prefill() if hybrid else {}
         logits = model(tokens, padding_mask=prompt_mask, **prefill_kwargs)[:, -1]
         step_fn = _decode_step(model, compile)
-        seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device).scatter_(1, tokens, prompt_mask)
+        # Pads scatter into an extra column, so a pad id that is also a real token never collides.
+        seen = torch.zeros(batch_size, vocab_size + 1, dtype=torch.bool, device=device)
+        seen = seen.scatter_(1, tokens.masked_fill(~prompt_mask, vocab_size), True)[:, :vocab_size]
         done = torch.zeros(batch_size, dtype=torch.bool, device=device)
         outputs = []
         for step in range(max_new_tokens):
@@ -115,12 +118,13 @@ class HybridInputs:
     Args:
         prompt_mask (torch.Tensor): [B, T] bool, True for real prompt tokens.
         max_new_tokens (int): decode steps to come.
+        cache_len (int): the KV caches' length (masks span all of it).
     """
 
-    def __init__(self, prompt_mask: torch.Tensor, max_new_tokens: int) -> None:
+    def __init__(self, prompt_mask: torch.Tensor, max_new_tokens: int, cache_len: int) -> None:
         self.prompt_len = prompt_mask.shape[1]
         full = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)], dim=1)
-        self.masks = get_causal_mask_from_padding_mask(full, target_seq_len=full.shape[1])
+        self.masks = get_causal_mask_from_padding_mask(full, target_seq_len=cache_len)
         self.positions = get_position_ids_from_padding_mask(full)
 
     def prefill(self) -> dict:
