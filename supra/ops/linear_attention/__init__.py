@@ -5,6 +5,8 @@ so ``torch.compile(fullgraph=True)`` traces models that use it as one opaque nod
 """
 
 import contextlib
+import importlib.util
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -21,6 +23,15 @@ IMPLEMENTATIONS: Dict[str, Callable] = {
 
 # Up to this many tokens the step loop beats the chunked form (see benchmarks/ops_cpu.py).
 RECURRENT_MAX_TOKENS = 4
+
+# impl="triton": the Triton kernels (triton_chunk.py, triton_recurrent.py), imported on first use.
+# The default on CUDA tensors; on CPU only when requested and TRITON_INTERPRET=1 is set.
+TRITON = "triton"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this many tokens impl="triton" runs the fused recurrent kernel instead of the chunked
+# ones (a guess, unmeasured on a GPU: benchmarks/ops_gpu.py prints the crossover).
+TRITON_RECURRENT_MAX_TOKENS = 16
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def linear_attention(
@@ -51,8 +62,8 @@ def linear_attention(
         output_final_state (bool): also return the state after the last token.
         cu_seqlens (Optional[torch.Tensor]): int boundaries [N + 1] of N documents packed in a
             batch of one (B == 1), starting at 0 and ending at T. The state restarts at each one.
-        impl (Optional[str]): ``"naive"``, ``"chunk"`` or ``"recurrent"``; None picks the fastest
-            for the device and length.
+        impl (Optional[str]): ``"naive"``, ``"chunk"``, ``"recurrent"`` or ``"triton"``; None picks
+            the fastest for the device and length (``"triton"`` for float32/bf16/fp16 CUDA tensors).
 
     Returns:
         Tuple[torch.Tensor, Optional[torch.Tensor]]: the output [B, T, H, V] in q's dtype and,
@@ -61,7 +72,8 @@ def linear_attention(
 
     Raises:
         ValueError: for mismatched shapes or dtypes, negative or non-finite slopes, bad
-            ``cu_seqlens`` or ``initial_state``, or an unknown ``impl``.
+            ``cu_seqlens`` or ``initial_state``, an unknown ``impl``, or ``impl="triton"`` on CPU
+            tensors without ``TRITON_INTERPRET=1`` or on float64 inputs.
     """
     _check_inputs(q, k, v, slopes, initial_state, cu_seqlens)
     impl = _pick_impl(q, impl)
@@ -74,13 +86,44 @@ def linear_attention(
 
 def _pick_impl(q: torch.Tensor, impl: Optional[str]) -> str:
     if impl is None:
+        if q.is_cuda and q.dtype in TRITON_DTYPES and _HAS_TRITON:
+            return TRITON
         return "recurrent" if q.shape[1] <= RECURRENT_MAX_TOKENS else "chunk"
+    if impl == TRITON:
+        _check_triton(q)
+        return impl
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"impl={impl!r} is not a linear attention implementation; "
             f"choose one of {sorted(IMPLEMENTATIONS)} or None"
         )
     return impl
+
+
+def _check_triton(q: torch.Tensor) -> None:
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # The start of this message is also the unknown-impl error's: on CPU "triton" is not one.
+        raise ValueError(
+            f"impl='triton' is not a linear attention implementation; choose one of {sorted(IMPLEMENTATIONS)} "
+            f"or None for {q.device.type} tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 "
+            "set before the first triton call to run its kernels on CPU under the Triton interpreter"
+        )
+    if not _HAS_TRITON:
+        raise ValueError("impl='triton' needs the triton package (pip install triton); or pick another impl")
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"impl='triton' takes float32, bfloat16 or float16 inputs; got {q.dtype}: use impl='chunk'"
+        )
+
+
+def _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q.shape[1] <= TRITON_RECURRENT_MAX_TOKENS:
+        from supra.ops.linear_attention.triton_recurrent import fused_recurrent_fwd
+
+        return fused_recurrent_fwd(q, k, v, slopes, scale, initial_state, cu_seqlens)
+    from supra.ops.linear_attention.triton_chunk import chunk_fwd
+
+    return chunk_fwd(q, k, v, slopes, scale, initial_state, cu_seqlens)
 
 
 def _check_inputs(
@@ -152,6 +195,9 @@ def _forward(
     impl: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs one implementation, once per packed document when ``cu_seqlens`` is given."""
+    if impl == TRITON:
+        # The kernels restart the state at document starts themselves: one launch for all documents.
+        return _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens)
     fn = IMPLEMENTATIONS[impl]
     if cu_seqlens is None:
         return fn(q, k, v, slopes, scale, initial_state)
@@ -220,7 +266,17 @@ def _linear_attention_backward_op(
     cu_seqlens: Optional[torch.Tensor],
     impl: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients by recomputing the forward under autograd (cheaper than storing its graph)."""
+    """Gradients by recomputing the forward under autograd (cheaper than storing its graph).
+
+    ``impl="triton"`` runs the Triton backward kernels instead (they recompute the chunk states).
+    """
+    if impl == TRITON:
+        from supra.ops.linear_attention.triton_chunk import chunk_bwd
+
+        grad_q, grad_k, grad_v, grad_h0 = chunk_bwd(
+            grad_o, grad_state, q, k, v, slopes, scale, initial_state, cu_seqlens
+        )
+        return grad_q, grad_k, grad_v, (q.new_empty(0) if grad_h0 is None else grad_h0)
     with _autograd_inside_custom_op(), torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         h0 = None if initial_state is None else initial_state.detach().requires_grad_()
