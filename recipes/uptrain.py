@@ -165,7 +165,10 @@ class UptrainRecipe:
                 f"max_steps ({cfg.max_steps}) is reached before warmup ends (scheduler.warmup_steps = "
                 f"{cfg.scheduler.warmup_steps}); lower warmup_steps or raise max_steps"
             )
-        for key in ("batch_size", "gradient_accumulation_steps", "save_every_n_steps", "log_every_n_steps"):
+        if cfg.data.type == "open_lm" and cfg.data.document_boundaries:
+            raise ValueError("data.document_boundaries is not supported with data.type open_lm (its samples carry no document offsets)")
+        for key in ("batch_size", "gradient_accumulation_steps", "save_every_n_steps", "log_every_n_steps",
+                    "keep_last_n_checkpoints"):
             if cfg[key] < 1:
                 raise ValueError(f"{key} must be >= 1; got {cfg[key]}")
         if cfg.mixed_precision not in DTYPES:
@@ -279,13 +282,21 @@ class UptrainRecipe:
                     f"{name} is {value} at step {self.step + 1}; stopping without saving (the last good checkpoint "
                     f"in {self.output_dir / 'checkpoints'} is intact). Lower the learning rate or check the data."
                 )
+        # The learning rates this step used (read before the scheduler moves them).
+        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        return {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], **lrs}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, **lrs}
 
     def _forward(self, model, batch) -> torch.Tensor:
+        # FSDP2 applies mixed precision with several processes; one GPU process uses autocast.
+        use_autocast = self.device.type == "cuda" and self.world_size == 1 and self.cfg.mixed_precision != "fp32"
+        with torch.autocast("cuda", dtype=DTYPES[self.cfg.mixed_precision], enabled=use_autocast):
+            return self._model_call(model, batch)
+
+    def _model_call(self, model, batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)
         if not self.cfg.data.document_boundaries:
             return model(tokens)

@@ -40,18 +40,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE style {style!r} is unknown; choose one of {ROPE_STYLES}")
         self.dim, self.base, self.style = dim, base, style
         self.llama3_scaling = dict(llama3_scaling) if llama3_scaling else None
-        # Per-device copies of the frequencies: computed once, not at every decode step.
-        self._inv_freq = {}
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         """[D/2] float32, ``base^(-2i/D)`` (Llama-3-scaled if configured), computed in float64 first."""
-        if device not in self._inv_freq:
-            self._inv_freq[device] = self._compute_inverse_frequencies(device)
-        return self._inv_freq[device]
-
-    def _compute_inverse_frequencies(self, device: torch.device) -> torch.Tensor:
-        if device.type == "meta":
-            return torch.empty(self.dim // 2, device=device)
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim
         inv_freq = 1.0 / self.base**exponent
         if self.llama3_scaling:

@@ -108,7 +108,7 @@ def test_loss_goes_down_on_real_text(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_fsdp_and_compile_match_one_process(tmp_path):
-    steps = ["max_steps=4", "save_every_n_steps=4", "compile=true"]
+    steps = ["max_steps=4", "save_every_n_steps=4", "compile=true", "activation_checkpointing=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--config", "tiny/uptrain", *SMALL, *steps]
     two = subprocess.run(
