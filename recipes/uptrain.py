@@ -33,6 +33,7 @@ from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from supra.checkpoint._io import iter_tensors, weight_files
 from supra.config import load_config, to_dict
 from supra.convert import linearize, new_parameter_names
+from supra.modules import is_linear_layer
 from supra.data import (
     load_tokenizer,
     InfiniteLoader,
@@ -212,10 +213,9 @@ class UptrainRecipe:
         else:
             spec = {"builder": cfg.model.builder, "kwargs": to_dict(cfg.model)["kwargs"]}
             model = build_from_spec(spec, source="model.builder").to(dtype)
-        has_softmax = any(not hasattr(layer.attn, "decay") for layer in model.layers)
-        if cfg.linearize.enabled and has_softmax:
+        softmax = [i for i, layer in enumerate(model.layers) if not is_linear_layer(layer)]
+        if cfg.linearize.enabled and softmax:
             args = {k: v for k, v in to_dict(cfg.linearize).items() if k != "enabled" and v is not None}
-            softmax = [i for i, layer in enumerate(model.layers) if not hasattr(layer.attn, "decay")]
             args["layers"] = args.get("layers", softmax)
             linearize(model, **args)
         return model.to(self.device).train()
