@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchtune.generation import get_position_ids_from_padding_mask
 
 from supra.modules.cache import RecurrentStateCache
 from supra.modules.decay import FixedDecay
@@ -213,7 +214,7 @@ class LinearAttention(nn.Module):
         if input_pos is not None:
             return input_pos
         if mask is not None:
-            positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            positions = get_position_ids_from_padding_mask(mask)
         else:
             positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
         if caching:

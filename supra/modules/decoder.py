@@ -4,6 +4,7 @@ from typing import List, Optional, Union
 
 import torch
 from torchtune.modules import TransformerDecoder, TransformerSelfAttentionLayer
+from torchtune.generation import get_position_ids_from_padding_mask
 
 from supra.modules.attention import LinearAttention
 
@@ -112,5 +113,5 @@ class SupraDecoder(TransformerDecoder):
             # A pad row that sees nothing would give NaN: let every token see itself.
             mask = (causal & padding_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=tokens.device)
         if padding_mask is not None and input_pos is None:
-            input_pos = (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            input_pos = get_position_ids_from_padding_mask(padding_mask)
         return mask, input_pos
