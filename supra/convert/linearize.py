@@ -30,6 +30,7 @@ def linearize(
     norm_eps: Optional[float] = None,
     rope_base: Optional[float] = None,
     rope_style: str = "half",
+    normalization: str = "group_norm",
     impl: Optional[str] = None,
 ) -> SupraDecoder:
     """Swaps softmax attention for SUPRA attention, keeping every pretrained tensor.
@@ -52,6 +53,8 @@ def linearize(
         norm_eps (Optional[float]): their epsilon; defaults to the layer's own norm epsilon.
         rope_base (Optional[float]): RoPE base; defaults to the model's.
         rope_style (str): ``"half"`` or ``"interleaved"``.
+        normalization (str): ``"group_norm"`` (SUPRA) or ``"denominator"`` (the T2R-style
+            normalization the paper ablates).
         impl (Optional[str]): forces an op implementation.
 
     Returns:
@@ -100,6 +103,7 @@ def linearize(
             norm_eps=norm_eps if norm_eps is not None else _layer_norm_eps(model.layers[i]),
             rope_base=rope_base if rope_base is not None else getattr(attn.pos_embeddings, "base", 10_000.0),
             rope_style=rope_style,
+            normalization=normalization,
             impl=impl,
         )
         weight = attn.q_proj.weight
@@ -118,7 +122,7 @@ def linearize(
     record_linearize(model, dict(
         layers=chosen, feature_map=feature_map if isinstance(feature_map, str) else None,
         feature_dim=feature_dim, decay=decay, decay_start=decay_start, qk_norm=qk_norm,
-        norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base, rope_style=rope_style, impl=impl,
+        norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base, rope_style=rope_style, normalization=normalization, impl=impl,
     ))
     logger.info(
         "linearized %d of %d layers; added %d new parameters", len(chosen), len(model.layers), new_params

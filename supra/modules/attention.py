@@ -22,6 +22,9 @@ class LinearAttention(nn.Module):
     ``q = phi_q(W_q x)``, ``k = phi_k(W_k x)`` (repeated from H_kv to H heads), optional q/k
     norm over all heads, RoPE on the features, then
     ``o_t = sum_{j<=t} gamma_h^(t-j) (q_t . scale k_j) v_j``, ``out_norm(o)`` and ``W_o``.
+    With ``denominator_eps`` set, ``o_t`` is instead divided by
+    ``sum_{j<=t} gamma_h^(t-j) (q_t . scale k_j) + eps`` (the T2R / linear-transformer
+    normalization SUPRA replaces with GroupNorm; computed as one extra value column of ones).
     Without a cache it runs the chunked parallel op; with one (``setup_cache``) it continues
     from the stored state, for a chunk of any length, and stores the new state.
 
@@ -45,6 +48,8 @@ class LinearAttention(nn.Module):
         feature_dim (Optional[int]): d_k; defaults to ``head_dim``.
         scale (Optional[float]): key scale; defaults to ``d_k ** -0.5``.
         impl (Optional[str]): forces an op implementation (see ``supra.ops.linear_attention``).
+        denominator_eps (Optional[float]): normalize by the attention denominator (plus this
+            epsilon) before ``out_norm``; None (SUPRA) does not.
 
     Raises:
         ValueError: if H_kv does not divide H, the decay has the wrong number of heads, or the
@@ -72,6 +77,7 @@ class LinearAttention(nn.Module):
         feature_dim: Optional[int] = None,
         scale: Optional[float] = None,
         impl: Optional[str] = None,
+        denominator_eps: Optional[float] = None,
     ) -> None:
         super().__init__()
         if num_kv_heads < 1 or num_heads % num_kv_heads:
@@ -96,6 +102,7 @@ class LinearAttention(nn.Module):
         self.feature_dim = feature_dim or head_dim
         self.scale = scale if scale is not None else self.feature_dim**-0.5
         self.impl = impl
+        self.denominator_eps = denominator_eps
         self.q_proj = q_proj
         self.k_proj = k_proj
         self.v_proj = v_proj
@@ -118,6 +125,9 @@ class LinearAttention(nn.Module):
             logger.warning("Recurrent caches are already set up; keeping the existing ones.")
             return
         value_dim = self.output_proj.weight.shape[1] // self.num_heads
+        if self.denominator_eps is not None:
+            # The denominator is carried as one extra value column of the state.
+            value_dim += 1
         device = self.q_proj.weight.device
         self.kv_cache = RecurrentStateCache(batch_size, self.num_heads, self.feature_dim, value_dim, device)
         self.cache_enabled = True
@@ -190,11 +200,15 @@ class LinearAttention(nn.Module):
         if cu_seqlens is not None:
             # Documents are packed across rows too: run them as one row of B * T tokens.
             q, k, v = (t.reshape(1, B * T, self.num_heads, -1) for t in (q, k, v))
+        if self.denominator_eps is not None:
+            v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
         o, final_state = linear_attention(
             q, k, v, self.decay(), scale=self.scale, initial_state=initial_state,
             output_final_state=caching, cu_seqlens=cu_seqlens, impl=self.impl,
         )
         o = o.reshape(B, T, self.num_heads, -1)
+        if self.denominator_eps is not None:
+            o = o[..., :-1] / (o[..., -1:] + self.denominator_eps)
         if caching:
             consumed = mask.sum(dim=1) if mask is not None else T
             self.kv_cache.update(final_state, consumed)

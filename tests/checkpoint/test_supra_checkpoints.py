@@ -72,6 +72,7 @@ TINY_VARIANTS = {
     "tied": {"tie_word_embeddings": True},
     "feature_dim": {"feature_dim": 12},
     "interleaved_rope_base": {"rope_style": "interleaved", "rope_base": 500.0},
+    "denominator": {"normalization": "denominator"},
 }
 
 
@@ -116,7 +117,8 @@ def test_round_trip_of_a_linearized_hf_model(tmp_path):
         rope_parameters={"rope_type": "default", "rope_theta": 500.0},
     ))
     hf_model.save_pretrained(tmp_path / "hf")
-    model = _perturbed(load_checkpoint(tmp_path / "hf", linearize={"layers": [1], "decay": "retnet"}), seed=2)
+    model = _perturbed(load_checkpoint(
+        tmp_path / "hf", linearize={"layers": [1], "decay": "retnet", "normalization": "denominator"}), seed=2)
     save_checkpoint(model, tmp_path / "ckpt")
 
     record = json.loads((tmp_path / "ckpt" / "supra_config.json").read_text())
@@ -127,6 +129,7 @@ def test_round_trip_of_a_linearized_hf_model(tmp_path):
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert isinstance(loaded.layers[0].attn, MultiHeadAttention)
     assert isinstance(loaded.layers[1].attn, LinearAttention)
+    assert loaded.layers[1].attn.denominator_eps is not None
     _assert_same_model(loaded, model)
 
 
@@ -437,8 +440,9 @@ def test_export_openlm_layout(tmp_path):
         (lambda: supra_test_tiny(softmax_layers=[0]), "softmax layers"),
         (lambda: supra_test_tiny(rope_style="interleaved"), "RoPE other than rotate-half"),
         (lambda: supra_test_tiny(rope_base=500.0), "RoPE other than rotate-half with base 10000"),
+        (lambda: supra_test_tiny(normalization="denominator"), "output norm other than per-head GroupNorm"),
     ],
-    ids=["hybrid", "interleaved_rope", "rope_base"],
+    ids=["hybrid", "interleaved_rope", "rope_base", "denominator"],
 )
 def test_export_openlm_refuses(tmp_path, model, match):
     with pytest.raises(ValueError, match=match) as info:

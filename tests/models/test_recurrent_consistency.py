@@ -13,11 +13,12 @@ VOCAB = 128
 CONFIGS = [
     dict(num_kv_heads=kv, qk_norm=qk, decay=decay)
     for kv, qk, decay in itertools.product((4, 2), (False, True), ("alibi", "retnet"))
-]
+] + [dict(num_kv_heads=2, qk_norm=False, decay="alibi", normalization="denominator")]
 
 
 def _ids(config):
-    return "{}-qk{}-{}".format("mha" if config["num_kv_heads"] == 4 else "gqa", int(config["qk_norm"]), config["decay"])
+    mha = "mha" if config["num_kv_heads"] == 4 else "gqa"
+    return "{}-qk{}-{}-{}".format(mha, int(config["qk_norm"]), config["decay"], config.get("normalization", "group_norm"))
 
 
 def _model(**overrides):

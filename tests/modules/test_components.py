@@ -346,6 +346,41 @@ def test_supra_attention_passes_its_options():
     torch.testing.assert_close(started.decay(), alibi_slopes(4, start=0.5).float(), rtol=0, atol=0)
 
 
+def _denominator_reference(attn, x):
+    """T2R-normalized decayed linear attention as one explicit float64 sum over j <= t."""
+    B, T, _ = x.shape
+    H, d = attn.num_heads, attn.feature_dim
+    q = attn.feature_map(attn.q_proj(x)).view(B, T, H, d)
+    k = attn.feature_map(attn.k_proj(x)).view(B, T, H, d)
+    v = attn.v_proj(x).view(B, T, H, -1)
+    positions = torch.arange(T)
+    q, k = attn.pos_embeddings(q, positions), attn.pos_embeddings(k, positions)
+    t, j = positions[:, None], positions[None, :]
+    decay = torch.exp(-attn.decay().double()[:, None, None] * (t - j)) * (j <= t)  # [H, T, T]
+    scores = torch.einsum("bthd,bjhd->bhtj", q, k) * attn.scale * decay
+    o = torch.einsum("bhtj,bjhv->bthv", scores, v) / (scores.sum(-1).transpose(1, 2)[..., None] + 1e-6)
+    return attn.output_proj(o.reshape(B, T, -1))
+
+
+@torch.no_grad()
+def test_supra_attention_denominator_normalization_equals_explicit_sum():
+    torch.manual_seed(0)
+    attn = _attention(normalization="denominator").double()
+    assert isinstance(attn.out_norm, nn.Identity)
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _denominator_reference(attn, x), rtol=1e-9, atol=1e-9)
+    # Through the recurrent cache: the denominator is one more state column.
+    attn.setup_cache(batch_size=2, dtype=torch.float64)
+    assert attn.kv_cache.state.shape == (2, 4, 8, 8 + 1)
+    stepped = torch.cat([attn(x[:, :20]), *(attn(x[:, t : t + 1]) for t in range(20, 37))], dim=1)
+    torch.testing.assert_close(stepped.double(), _denominator_reference(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_supra_attention_unknown_normalization():
+    with pytest.raises(ValueError, match="normalization 'softmax' is unknown"):
+        _attention(normalization="softmax")
+
+
 @pytest.mark.parametrize("num_kv_heads", (3, 0))
 def test_supra_attention_kv_heads_must_divide(num_kv_heads):
     with pytest.raises(ValueError, match="must divide num_heads"):

@@ -2,6 +2,7 @@
 
 from supra.models.supra._component_builders import (
     NORM_TYPES,
+    NORMALIZATIONS,
     build_norm,
     supra_attention,
     supra_decoder,
@@ -17,6 +18,7 @@ from supra.models.supra._model_builders import (
 
 __all__ = [
     "NORM_TYPES",
+    "NORMALIZATIONS",
     "build_norm",
     "linear_1b",
     "linear_7b",

@@ -35,6 +35,11 @@ NORM_TYPES = (
 
 FEATURE_MAPS = {"relu": ReLUFeatureMap}
 
+# How linear attention outputs are normalized: SUPRA's GroupNorm, or T2R's denominator.
+NORMALIZATIONS = ("group_norm", "denominator")
+# Keeps the denominator away from zero: ReLU features can make every q.k zero.
+DENOMINATOR_EPS = 1e-6
+
 
 def build_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
     """The normalization named ``norm_type`` over the last ``dim`` features.
@@ -82,20 +87,26 @@ def supra_attention(
     rope_base: float = 10_000.0,
     rope_style: str = "half",
     out_norm_eps: float = 1e-5,
+    normalization: str = "group_norm",
     impl: Optional[str] = None,
 ) -> LinearAttention:
     """SUPRA attention around given projections, with new feature maps, decay and norms.
 
     Under MHA queries and keys share one feature map; under GQA keys get their own. The q/k
     norms (``qk_norm``) are the model's ``norm_type`` over all H * d_k features.
+    ``normalization`` is ``"group_norm"`` (SUPRA: per-head GroupNorm of the outputs) or
+    ``"denominator"`` (divide by the decayed sum of q.k, as T2R; the paper's ablation).
 
     Raises:
         ValueError: if ``num_kv_heads`` does not divide ``num_heads``, or a name is unknown.
     """
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r} is unknown; choose one of {NORMALIZATIONS}")
     feature_dim = feature_dim or head_dim
     gqa = num_kv_heads != num_heads
+    denominator = normalization == "denominator"
     return LinearAttention(
         embed_dim=embed_dim,
         num_heads=num_heads,
@@ -108,12 +119,13 @@ def supra_attention(
         feature_map=build_feature_map(feature_map, num_heads * head_dim, num_heads * feature_dim),
         k_feature_map=build_feature_map(feature_map, num_kv_heads * head_dim, num_kv_heads * feature_dim) if gqa else None,
         decay=FixedDecay(decay_slopes(decay, num_heads, decay_start)),
-        out_norm=HeadGroupNorm(eps=out_norm_eps),
+        out_norm=nn.Identity() if denominator else HeadGroupNorm(eps=out_norm_eps),
         pos_embeddings=RotaryEmbedding(feature_dim, base=rope_base, style=rope_style),
         q_norm=build_norm(norm_type, num_heads * feature_dim, norm_eps) if qk_norm else None,
         k_norm=build_norm(norm_type, num_heads * feature_dim, norm_eps) if qk_norm else None,
         feature_dim=feature_dim,
         impl=impl,
+        denominator_eps=DENOMINATOR_EPS if denominator else None,
     )
 
 
@@ -141,6 +153,7 @@ def supra_decoder(
     head_dim: Optional[int] = None,
     attention_bias: bool = False,
     rope_scaling: Optional[dict] = None,
+    normalization: str = "group_norm",
     impl: Optional[str] = None,
 ) -> SupraDecoder:
     """A Llama-architecture decoder (pre-norm, SwiGLU) whose attention layers are SUPRA.
@@ -170,6 +183,7 @@ def supra_decoder(
         attention_bias (bool): biases on the q/k/v projections (Qwen2).
         rope_scaling (Optional[dict]): Llama-3.1 RoPE scaling for the softmax layers (see
             ``supra.modules.RotaryEmbedding``).
+        normalization (str): ``"group_norm"`` (SUPRA) or ``"denominator"`` (T2R-style ablation).
         impl (Optional[str]): forces an op implementation.
 
     Returns:
@@ -205,7 +219,7 @@ def supra_decoder(
                 embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 feature_dim=feature_dim, feature_map=feature_map, decay=decay, decay_start=decay_start,
                 qk_norm=qk_norm, norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base,
-                rope_style=rope_style, impl=impl, **projections,
+                rope_style=rope_style, normalization=normalization, impl=impl, **projections,
             )
         block = TransformerSelfAttentionLayer if i in softmax_layers else SupraLayer
         layers.append(
