@@ -85,7 +85,7 @@ def generate(
         softmax = [layer for layer in model.layers if not is_linear_layer(layer)]
         hybrid = HybridInputs(prompt_mask, max_new_tokens, softmax[0].attn.kv_cache.k_cache.shape[2]) if softmax else None
         prefill_kwargs = hybrid.prefill() if hybrid else {}
-        logits = model(tokens, padding_mask=prompt_mask, **prefill_kwargs)[:, -1]
+        logits = model(tokens, padding_mask=prompt_mask, logits_to_keep=1, **prefill_kwargs)[:, -1]
         step_fn = _decode_step(model, compile)
         # Pads scatter into an extra column, so a pad id that is also a real token never collides.
         seen = torch.zeros(batch_size, vocab_size + 1, dtype=torch.bool, device=device)

@@ -11,6 +11,7 @@ from supra.modules.cache import RecurrentStateCache
 from supra.modules.decay import FixedDecay
 from supra.modules.rope import RotaryEmbedding
 from supra.ops import linear_attention
+from supra.ops.linear_attention.fused_recurrent import recurrent_step_
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,7 @@ class LinearAttention(nn.Module):
         if cu_seqlens is not None and caching:
             raise ValueError("cu_seqlens (packed documents) is for parallel mode; it cannot be combined with a recurrent cache")
 
-        q = self.feature_map(self.q_proj(x))
-        k = (self.k_feature_map or self.feature_map)(self.k_proj(x))
+        q, k = self._features(x)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, -1)
         repeats = self.num_heads // self.num_kv_heads
         if repeats > 1:
@@ -191,29 +191,59 @@ class LinearAttention(nn.Module):
 
         if self.pos_embeddings is not None:
             positions = self._positions(B, T, mask, input_pos, caching, x.device)
-            q, k = self.pos_embeddings(q, positions), self.pos_embeddings(k, positions)
+            cos, sin = self.pos_embeddings.cos_sin(positions)
+            q, k = self.pos_embeddings.rotate(q, cos, sin), self.pos_embeddings.rotate(k, cos, sin)
         if mask is not None:
             # A zero key adds nothing to the state; left pads meet an empty state, so they leave no trace.
             k = k * mask[:, :, None, None].to(k.dtype)
+        if self.denominator_eps is not None:
+            v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
 
+        if caching and T == 1 and self._decode_in_place(q, k, v):
+            o = recurrent_step_(q, k, v, self.decay.gamma, self.scale, self.kv_cache.state[:B])
+            self.kv_cache.positions[:B].add_(mask[:, 0].long() if mask is not None else 1)
+        else:
+            o = self._parallel(q, k, v, cu_seqlens, caching, mask)
+        return self._output(o.reshape(B, T, self.num_heads, -1))
+
+    def _features(self, x: torch.Tensor):
+        """Feature-mapped queries and keys, [B, T, H * d_k] and [B, T, H_kv * d_k]."""
+        if self.k_feature_map is None and x.shape[1] == 1:
+            # A one-token step under MHA: one product reads the shared feature map's weight once.
+            q, k = self.feature_map(torch.cat([self.q_proj(x), self.k_proj(x)], dim=1)).split(1, dim=1)
+            return q, k
+        return self.feature_map(self.q_proj(x)), (self.k_feature_map or self.feature_map)(self.k_proj(x))
+
+    def _decode_in_place(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether a one-token step may update the cache in place, outside the custom op: at
+        inference (nothing needs a gradient) with the default or the recurrent implementation."""
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return not needs_grad and self.impl in (None, "recurrent")
+
+    def _parallel(self, q, k, v, cu_seqlens, caching, mask) -> torch.Tensor:
+        """The op over all T tokens (from the cached state, storing the new one): [B, T, H, V]."""
+        B, T = q.shape[:2]
         initial_state = self.kv_cache.state[:B] if caching else None
+        if caching and torch.is_grad_enabled():
+            # Autograd keeps the initial state for the backward; the cache is rewritten below.
+            initial_state = initial_state.clone()
         if cu_seqlens is not None:
             # Documents are packed across rows too: run them as one row of B * T tokens.
             q, k, v = (t.reshape(1, B * T, self.num_heads, -1) for t in (q, k, v))
-        if self.denominator_eps is not None:
-            v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
         o, final_state = linear_attention(
             q, k, v, self.decay(), scale=self.scale, initial_state=initial_state,
             output_final_state=caching, cu_seqlens=cu_seqlens, impl=self.impl,
         )
-        o = o.reshape(B, T, self.num_heads, -1)
-        if self.denominator_eps is not None:
-            o = o[..., :-1] / (o[..., -1:] + self.denominator_eps)
         if caching:
             consumed = mask.sum(dim=1) if mask is not None else T
             self.kv_cache.update(final_state, consumed)
-        o = self.out_norm(o).reshape(B, T, -1)
-        return self.output_proj(o)
+        return o
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        """Normalizes the attention output [B, T, H, V(+1)] and projects it: [B, T, D]."""
+        if self.denominator_eps is not None:
+            o = o[..., :-1] / (o[..., -1:] + self.denominator_eps)
+        return self.output_proj(self.out_norm(o).flatten(2))
 
     def _positions(
         self,

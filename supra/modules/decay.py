@@ -80,7 +80,8 @@ def decay_slopes(rule: str, num_heads: int, start: Optional[float] = None) -> to
 
 
 class FixedDecay(nn.Module):
-    """Holds constant per-head slopes (not trained, not saved: they follow from the config).
+    """Holds constant per-head slopes and their decay factors gamma = exp(-slopes) (not trained,
+    not saved: they follow from the config).
 
     A float64 CPU copy is kept beside the float32 buffer, so that a model built on the meta
     device and materialized with ``to_empty`` can restore the values with ``reset_buffers()``.
@@ -106,6 +107,8 @@ class FixedDecay(nn.Module):
             )
         self._reference = reference
         self.register_buffer("slopes", reference.float(), persistent=False)
+        # The decode step multiplies by gamma = exp(-s); computed in float64, then rounded once.
+        self.register_buffer("gamma", torch.exp(-reference).float(), persistent=False)
 
     @property
     def num_heads(self) -> int:
@@ -116,16 +119,25 @@ class FixedDecay(nn.Module):
         # float32 on whatever device the module moves to; a meta buffer is rebuilt first, so
         # moving a meta-built model to a real device works.
         if self.slopes.is_meta:
-            self.slopes = self._reference.float()
+            self.slopes, self.gamma = self._exact_buffers(torch.device("cpu"))
         super()._apply(fn, recurse)
         if not self.slopes.is_meta:
-            self.slopes = self._reference.to(device=self.slopes.device, dtype=torch.float32)
+            self.slopes, self.gamma = self._exact_buffers(self.slopes.device)
         return self
+
+    def _exact_buffers(self, device: torch.device):
+        """(slopes, gamma) [H] float32 on ``device``, rounded once from the float64 reference."""
+        return (
+            self._reference.to(device=device, dtype=torch.float32),
+            torch.exp(-self._reference).to(device=device, dtype=torch.float32),
+        )
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """Rewrites the buffer from the float64 copy (after ``to_empty`` or a meta-device build)."""
-        self.slopes.copy_(self._reference.to(self.slopes.device))
+        """Rewrites the buffers from the float64 copy (after ``to_empty`` or a meta-device build)."""
+        slopes, gamma = self._exact_buffers(self.slopes.device)
+        self.slopes.copy_(slopes)
+        self.gamma.copy_(gamma)
 
     def forward(self) -> torch.Tensor:
         """Returns the slopes [H] in float32."""

@@ -54,6 +54,7 @@ class SupraDecoder(TransformerDecoder):
         cu_seqlens: Optional[torch.Tensor] = None,
         encoder_input: Optional[torch.Tensor] = None,
         encoder_mask: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
@@ -68,10 +69,14 @@ class SupraDecoder(TransformerDecoder):
                 Pass ``input_pos`` restarting at each document too.
             encoder_input (Optional[torch.Tensor]): passed through to the layers.
             encoder_mask (Optional[torch.Tensor]): passed through to the layers.
+            logits_to_keep (int): compute logits for the last this many positions only (0: all).
+                A prefill needs the last position's alone, and the vocabulary projection of every
+                prompt position would be a large share of its cost.
 
         Returns:
-            Union[torch.Tensor, List[torch.Tensor]]: logits [B, T, vocab] (float32), or a list of
-            hidden states followed by the logits when ``output_hidden_states`` is set.
+            Union[torch.Tensor, List[torch.Tensor]]: logits [B, T, vocab] (float32; [B,
+            logits_to_keep, vocab] if set), or a list of hidden states followed by the logits when
+            ``output_hidden_states`` is set.
 
         Raises:
             ValueError: when a hybrid model gets more than ``max_seq_len`` tokens, or runs with
@@ -92,7 +97,9 @@ class SupraDecoder(TransformerDecoder):
                 h = layer(h, mask=padding_mask, input_pos=input_pos, cu_seqlens=cu_seqlens)
             else:
                 h = layer(h, mask=softmax_mask, input_pos=softmax_pos, encoder_input=encoder_input, encoder_mask=encoder_mask)
-        output = self.unembed(h)
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position); got {logits_to_keep}")
+        output = self.unembed(h[:, -logits_to_keep:] if logits_to_keep else h)
         return output if not hidden else [*hidden, output]
 
     def _softmax_inputs(self, tokens, mask, input_pos, padding_mask):

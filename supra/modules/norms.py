@@ -1,6 +1,7 @@
 """Normalizations used by SUPRA attention."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,10 +21,8 @@ class HeadGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, V] -> [B, T, H, V] in x's dtype."""
-        x32 = x.float()
-        mean = x32.mean(dim=-1, keepdim=True)
-        var = x32.var(dim=-1, keepdim=True, unbiased=False)
-        return ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        # Per-token, per-head layer norm without affine is exactly one group per head.
+        return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

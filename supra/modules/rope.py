@@ -40,6 +40,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE style {style!r} is unknown; choose one of {ROPE_STYLES}")
         self.dim, self.base, self.style = dim, base, style
         self.llama3_scaling = dict(llama3_scaling) if llama3_scaling else None
+        # Not a buffer: a meta-device build would leave a buffer unset, and nothing here is saved.
+        self._inv_freq_memo = {}
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         """[D/2] float32, ``base^(-2i/D)`` (Llama-3-scaled if configured), computed in float64 first."""
@@ -64,8 +66,18 @@ class RotaryEmbedding(nn.Module):
         positions = positions if positions is not None else input_pos
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
-        angles = positions.float()[..., None] * self.inverse_frequencies(x.device)
-        cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
+        return self.rotate(x, *self.cos_sin(positions))
+
+    def cos_sin(self, positions: torch.Tensor):
+        """The rotation of each position: (cos, sin), each [B, T, 1, D/2] (or [T, 1, D/2]) float32.
+
+        Computed once, they rotate queries and keys alike (``rotate``).
+        """
+        angles = positions.float()[..., None] * self._inverse_frequencies(positions.device)
+        return angles.cos()[..., None, :], angles.sin()[..., None, :]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotates x [B, T, H, D] by ``cos_sin``'s angles, in float32; returns x's dtype."""
         x32 = x.float()
         if self.style == "half":
             x1, x2 = x32[..., : self.dim // 2], x32[..., self.dim // 2 :]
@@ -74,6 +86,15 @@ class RotaryEmbedding(nn.Module):
             x1, x2 = x32[..., 0::2], x32[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         return out.to(x.dtype)
+
+    def _inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        """``inverse_frequencies``, memoized per device in eager mode (a decode step would
+        otherwise rebuild them in every layer); traced afresh under compile, where they fold."""
+        if torch.compiler.is_compiling():
+            return self.inverse_frequencies(device)
+        if device not in self._inv_freq_memo:
+            self._inv_freq_memo[device] = self.inverse_frequencies(device)
+        return self._inv_freq_memo[device]
 
     def extra_repr(self) -> str:
         scaling = f", llama3_scaling={self.llama3_scaling}" if self.llama3_scaling else ""

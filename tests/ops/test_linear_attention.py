@@ -13,6 +13,7 @@ import torch
 
 from supra.ops import linear_attention
 from supra.ops.linear_attention import IMPLEMENTATIONS
+from supra.ops.linear_attention.fused_recurrent import recurrent_step_
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -285,6 +286,25 @@ def test_prefill_then_step_by_step_decode_equals_one_pass(prefill_impl):
         steps.append(o_t)
     torch.testing.assert_close(torch.cat(steps, dim=1), o_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, s_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_decode_step_matches_reference(dtype):
+    torch.manual_seed(9)
+    B, T, H, K, V = 2, 6, 3, 16, 8
+    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True, requires_grad=False)
+    slopes = alibi_slopes(H)
+    state = h0.clone()
+    outputs = [
+        recurrent_step_(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], torch.exp(-slopes), 0.3, state)
+        for t in range(T)
+    ]
+    ref_o, ref_state = reference(q, k, v, slopes, 0.3, h0)
+    assert outputs[0].shape == (B, 1, H, V) and outputs[0].dtype == dtype
+    assert_close("o", torch.cat(outputs, dim=1), ref_o, dtype)
+    # The state was rewritten where it lies, in float32.
+    assert state.dtype == torch.float32
+    assert_close("state", state, ref_state, torch.float32)
 
 
 def test_long_sequence_with_large_slopes_stays_finite():

@@ -41,3 +41,35 @@ def recurrent_linear_attention(
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), state
+
+
+def recurrent_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step that updates ``state`` in place: ``S = gamma_h S + (scale k)^T v``, ``o = q S``.
+
+    The inference fast path (no autograd, no validation, no new state tensor): a static-shape
+    cache buffer is rewritten where it lies, so a compiled decode step is a few fused kernels.
+
+    Args:
+        q (torch.Tensor): queries [B, 1, H, K].
+        k (torch.Tensor): keys [B, 1, H, K].
+        v (torch.Tensor): values [B, 1, H, V].
+        gamma (torch.Tensor): per-head decay factors exp(-slopes) [H].
+        scale (float): multiplies the keys.
+        state (torch.Tensor): [B, H, K, V] in the accumulation dtype, updated in place.
+
+    Returns:
+        torch.Tensor: output [B, 1, H, V] in q's dtype.
+    """
+    out_dtype, acc = q.dtype, state.dtype
+    q, k, v = q[:, 0].to(acc), k[:, 0].to(acc), v[:, 0].to(acc)
+    state.mul_(gamma.to(acc)[None, :, None, None])
+    state.addcmul_(k[..., :, None], v[..., None, :], value=scale)
+    o = (q[..., None, :] @ state).squeeze(-2)
+    return o[:, None].to(out_dtype)
