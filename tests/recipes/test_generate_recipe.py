@@ -22,7 +22,7 @@ def test_streams_the_greedy_continuation_and_reports_speed_and_state(tmp_path, c
     torch.manual_seed(0)
     save_checkpoint(supra_test_tiny(vocab_size=258), tmp_path / "ckpt")
     tokens = RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'ckpt'}", "temperature=0", "max_new_tokens=12",
-                                           "stop_at_eos=false", "prompt=Hello"))
+                                           "stop_at_eos=false", "prompt=Hello", "tokenizer=bytes"))
     out = capsys.readouterr().out
     expected = generate(load_checkpoint(tmp_path / "ckpt"), [list(b"Hello")], max_new_tokens=12)[0]
     assert tokens == expected
@@ -30,6 +30,17 @@ def test_streams_the_greedy_continuation_and_reports_speed_and_state(tmp_path, c
     assert re.search(r"prefill: 5 tokens in .* decode: 12 tokens at", out)
     # 2 layers x 4 heads x 8 x 8 float32 values.
     assert f"recurrent state: {2 * 4 * 8 * 8 * 4 / 2**20:.2f} MiB per sequence" in out
+
+
+@pytest.mark.slow
+def test_compiled_decode_reports_compilation_apart_from_tokens_per_second(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(supra_test_tiny(vocab_size=258), tmp_path / "ckpt")
+    tokens = RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'ckpt'}", "temperature=0", "max_new_tokens=6",
+                                           "stop_at_eos=false", "prompt=Hello", "tokenizer=bytes", "compile=true"))
+    assert tokens == generate(load_checkpoint(tmp_path / "ckpt"), [list(b"Hello")], max_new_tokens=6)[0]
+    assert re.search(r"compilation: the first decode step took [0-9.]+ s \(not counted in tokens/s\)",
+                     capsys.readouterr().out)
 
 
 def test_uptrain_output_dir_resolves_to_its_latest_checkpoint(tmp_path):
