@@ -11,6 +11,7 @@ from supra.modules.cache import RecurrentStateCache
 from supra.modules.decay import FixedDecay
 from supra.modules.rope import RotaryEmbedding
 from supra.ops import linear_attention
+from supra.ops.linear_attention import repeat_kv
 from supra.ops.linear_attention.fused_recurrent import recurrent_step_
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ class LinearAttention(nn.Module):
     """Decayed linear attention with SUPRA's feature map and per-head output norm.
 
     Computes, for input x [B, T, D] (already normalized by the layer):
-    ``q = phi_q(W_q x)``, ``k = phi_k(W_k x)`` (repeated from H_kv to H heads), optional q/k
+    ``q = phi_q(W_q x)``, ``k = phi_k(W_k x)`` (H_kv heads, each read by H / H_kv query heads;
+    repeated to H heads only for a key norm, which spans all H * d_k features), optional q/k
     norm over all heads, RoPE on the features, then
     ``o_t = sum_{j<=t} gamma_h^(t-j) (q_t . scale k_j) v_j``, ``out_norm(o)`` and ``W_o``.
     With ``denominator_eps`` set, ``o_t`` is instead divided by
@@ -178,16 +180,15 @@ class LinearAttention(nn.Module):
 
         q, k = self._features(x)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, -1)
-        repeats = self.num_heads // self.num_kv_heads
-        if repeats > 1:
-            k = k.view(B, T, self.num_kv_heads, self.feature_dim).repeat_interleave(repeats, dim=2)
-            v = v.repeat_interleave(repeats, dim=2)
+        k = k.view(B, T, self.num_kv_heads, self.feature_dim)
+        if self.k_norm is not None:
+            # The key norm spans the H * d_k features of the repeated keys (the reference's layout);
+            # otherwise keys and values stay grouped and the op reads them by index.
+            k, v = repeat_kv(k, v, self.num_heads)
+            k = self.k_norm(k.reshape(B, T, -1)).view(B, T, self.num_heads, self.feature_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k.reshape(B, T, -1))
         q = q.view(B, T, self.num_heads, self.feature_dim)
-        k = k.reshape(B, T, self.num_heads, self.feature_dim)
 
         if self.pos_embeddings is not None:
             positions = self._positions(B, T, mask, input_pos, caching, x.device)
@@ -229,7 +230,7 @@ class LinearAttention(nn.Module):
             initial_state = initial_state.clone()
         if cu_seqlens is not None:
             # Documents are packed across rows too: run them as one row of B * T tokens.
-            q, k, v = (t.reshape(1, B * T, self.num_heads, -1) for t in (q, k, v))
+            q, k, v = (t.reshape(1, B * T, t.shape[2], -1) for t in (q, k, v))
         o, final_state = linear_attention(
             q, k, v, self.decay(), scale=self.scale, initial_state=initial_state,
             output_final_state=caching, cu_seqlens=cu_seqlens, impl=self.impl,

@@ -288,18 +288,47 @@ def test_prefill_then_step_by_step_decode_equals_one_pass(prefill_impl):
     torch.testing.assert_close(state, s_full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_grouped_keys_and_values_match_repeated_ones(impl):
+    """GQA: k, v [B, T, H_kv, D] with query head h reading h // (H / H_kv); the reference gets the
+    heads repeated explicitly, and dk / dv must come back summed over each group."""
+    torch.manual_seed(21)
+    B, T, H, H_kv, K, V = 2, 40, 6, 2, 8, 4
+    q = torch.randn(B, T, H, K, requires_grad=True)
+    k, v = (torch.randn(B, T, H_kv, d, requires_grad=True) for d in (K, V))
+    h0 = torch.randn(B, H, K, V, requires_grad=True)
+    slopes = alibi_slopes(H)
+    o, state = linear_attention(q, k, v, slopes, initial_state=h0, output_final_state=True, impl=impl)
+    repeated = [x.detach().double().repeat_interleave(H // H_kv, dim=2) for x in (k, v)]
+    ref_o, ref_state = reference(q.detach().double(), *repeated, slopes, K**-0.5, h0.detach().double())
+    assert_close("o", o, ref_o, torch.float32)
+    assert_close("state", state, ref_state, torch.float32)
+
+    grad_o = torch.randn_like(o)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), grad_o)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_k, ref_v = (x.repeat_interleave(H // H_kv, dim=2) for x in ref_leaves[1:])
+    ref_o, _ = reference(ref_leaves[0], ref_k, ref_v, slopes, K**-0.5, h0.detach().double())
+    for name, g, ref_g in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref_o, ref_leaves, grad_o.double())):
+        assert g.shape == ref_g.shape
+        assert_close(name, g, ref_g, torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_in_place_decode_step_matches_reference(dtype):
+def test_in_place_decode_step_matches_reference(dtype, kv_heads):
     torch.manual_seed(9)
-    B, T, H, K, V = 2, 6, 3, 16, 8
-    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True, requires_grad=False)
+    B, T, H, K, V = 2, 6, 6, 16, 8
+    q, _, _, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True, requires_grad=False)
+    k, v = (torch.randn(B, T, kv_heads, d).to(dtype) for d in (K, V))
     slopes = alibi_slopes(H)
     state = h0.clone()
     outputs = [
         recurrent_step_(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], torch.exp(-slopes), 0.3, state)
         for t in range(T)
     ]
-    ref_o, ref_state = reference(q, k, v, slopes, 0.3, h0)
+    repeated = [x.repeat_interleave(H // kv_heads, dim=2) for x in (k, v)]
+    ref_o, ref_state = reference(q, *repeated, slopes, 0.3, h0)
     assert outputs[0].shape == (B, 1, H, V) and outputs[0].dtype == dtype
     assert_close("o", torch.cat(outputs, dim=1), ref_o, dtype)
     # The state was rewritten where it lies, in float32.
@@ -376,8 +405,10 @@ def _small(B=1, T=4, H=2, K=4, V=3):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda q, k, v, s: (q, k[..., :3], v, s), r"q \(1, 4, 2, 4\) and k \(1, 4, 2, 3\) must have the same shape"),
-        (lambda q, k, v, s: (q, k[:, :3], v, s), r"must have the same shape \[B, T, H, K\]"),
+        (lambda q, k, v, s: (q, k[..., :3], v, s), r"k \(1, 4, 2, 3\) must be \[B, T, H_kv, K\] for q \(1, 4, 2, 4\)"),
+        (lambda q, k, v, s: (q, k[:, :3], v, s), r"must be \[B, T, H_kv, K\] for q"),
+        (lambda q, k, v, s: (q, torch.cat([k] * 2, 2)[:, :, :3], torch.cat([v] * 2, 2)[:, :, :3], s),
+         r"with H_kv dividing H"),
         (lambda q, k, v, s: (q, k, torch.cat([v, v]), s), r"v \(2, 4, 2, 3\) must share batch, time and heads"),
         (lambda q, k, v, s: (q, k, v[:, :3], s), r"v \(1, 3, 2, 3\) must share batch, time and heads"),
         (lambda q, k, v, s: (q, k, v[:, :, :1], s), r"v \(1, 4, 1, 3\) must share batch, time and heads"),
@@ -393,6 +424,7 @@ def _small(B=1, T=4, H=2, K=4, V=3):
     ids=[
         "k-head-dim",
         "k-time",
+        "kv-heads-not-dividing",
         "v-batch",
         "v-time",
         "v-heads",

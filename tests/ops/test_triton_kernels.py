@@ -96,9 +96,13 @@ def reference(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``S_t = exp(-s) S_{t-1} + (scale k_t)^T v_t``, ``o_t = q_t S_t``, one token at a time in float64."""
+    """``S_t = exp(-s) S_{t-1} + (scale k_t)^T v_t``, ``o_t = q_t S_t``, one token at a time in float64.
+
+    Grouped keys and values [B, T, H_kv, D] are first repeated to the H query heads in memory
+    (head h reads h // (H / H_kv)), what the kernels must do by index."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    k, v = (x.repeat_interleave(H // x.shape[2], dim=2) for x in (k, v))
     gamma = torch.exp(-slopes.double().cpu()).view(1, H, 1, 1)
     bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
     outputs: List[torch.Tensor] = []
@@ -119,8 +123,9 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
 
 
-def make_inputs(B, T, H, K, V, dtype, num_states=None, initial_state=True):
-    q, k, v = (torch.randn(B, T, H, d).to(dtype) for d in (K, K, V))
+def make_inputs(B, T, H, K, V, dtype, num_states=None, initial_state=True, kv_heads=None):
+    q = torch.randn(B, T, H, K).to(dtype)
+    k, v = (torch.randn(B, T, kv_heads or H, d).to(dtype) for d in (K, V))
     h0 = torch.randn(num_states or B, H, K, V) if initial_state else None
     return q, k, v, h0
 
@@ -185,6 +190,28 @@ def test_public_op_matches_reference(dtype, T, with_h0):
     q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=with_h0)
     slopes = alibi_slopes(H)
     run_and_compare(public(slopes), q, k, v, slopes, h0, dtype, K**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [3, 131])
+@in_process
+def test_grouped_query_heads_read_by_index(dtype, T):
+    # GQA 4/2: keys and values stay [B, T, 2, D]; dk and dv sum over each group's query heads.
+    torch.manual_seed(40 + T)
+    B, H, K, V = 2, 4, 16, 32
+    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, kv_heads=2)
+    slopes = alibi_slopes(H)
+    run_and_compare(public(slopes), q, k, v, slopes, h0, dtype, K**-0.5)
+
+
+@in_process
+def test_grouped_query_heads_with_cu_seqlens():
+    torch.manual_seed(44)
+    lengths = [70, 1, 9]
+    cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v, h0 = make_inputs(1, sum(lengths), 6, 16, 16, torch.float32, num_states=3, kv_heads=2)
+    slopes = alibi_slopes(6)
+    run_and_compare(public(slopes, cu_seqlens=cu_seqlens), q, k, v, slopes, h0, torch.float32, 0.25, cu_seqlens)
 
 
 @pytest.mark.parametrize("T", [1, 17, 67])
@@ -387,18 +414,19 @@ def test_kernels_compile_for_hopper():
     # bf16, the training dtype; float32 and float16 inputs differ only in tile dtypes.
     data = {name: "*bf16" for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "h", "dh")}
     pointers = {**data, "h0": "*fp32", "ht": "*fp32", "dht": "*fp32", "dh0": "*fp32", "slopes": "*fp32"}
-    common = dict(H=4, K=128, V=128, BT=64, BK=64, BV=64, PRECISION="tf32", UPCAST=False)
+    # GQA 4/2 where a kernel reads keys or values (HKV); the others take no HKV.
+    common = dict(H=4, HKV=2, K=128, V=128, BT=64, BK=64, BV=64, PRECISION="tf32", UPCAST=False)
     kernels = [
         (chunk._chunk_fwd_h_kernel.fn, dict(common, USE_INITIAL_STATE=True)),
         (chunk._chunk_fwd_o_kernel.fn, common),
         (chunk._chunk_bwd_dh_kernel.fn, dict(common, USE_FINAL_STATE_GRADIENT=True, USE_INITIAL_STATE=True)),
         (chunk._chunk_bwd_dv_kernel.fn, common),
         (chunk._chunk_bwd_dqk_kernel.fn, common),
-        (recurrent._fused_recurrent_fwd_kernel, dict(H=4, K=128, V=128, BK=128, BV=64, USE_INITIAL_STATE=True)),
+        (recurrent._fused_recurrent_fwd_kernel, dict(H=4, HKV=2, K=128, V=128, BK=128, BV=64, USE_INITIAL_STATE=True)),
     ]
     for fn, constexprs in kernels:
         for varlen in (False, True):
-            values = dict(constexprs, IS_VARLEN=varlen)
+            values = {name: value for name, value in dict(constexprs, IS_VARLEN=varlen).items() if name in fn.arg_names}
             source = ASTSource(
                 fn=fn, signature=_signature(fn, pointers, values),
                 constexprs={(fn.arg_names.index(name),): value for name, value in values.items()},

@@ -52,8 +52,10 @@ def linear_attention(
 
     Args:
         q (torch.Tensor): queries [B, T, H, K].
-        k (torch.Tensor): keys [B, T, H, K].
-        v (torch.Tensor): values [B, T, H, V].
+        k (torch.Tensor): keys [B, T, H_kv, K]; H_kv divides H (grouped-query attention: query
+            head h reads key/value head h // (H / H_kv), without the keys being repeated in memory
+            by the Triton kernels).
+        v (torch.Tensor): values [B, T, H_kv, V].
         slopes (torch.Tensor): per-head decay slopes [H], finite and >= 0 (0 = no decay).
             They are constants: no gradient flows to them.
         scale (Optional[float]): multiplies the keys; defaults to ``K ** -0.5``.
@@ -126,6 +128,18 @@ def _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens) -> Tuple[
     return chunk_fwd(q, k, v, slopes, scale, initial_state, cu_seqlens)
 
 
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Repeats grouped keys and values [B, T, H_kv, D] to the H query heads (head h reads h // (H / H_kv)).
+
+    The PyTorch implementations take one key/value head per query head; autograd sums the
+    repeated heads' gradients back.
+    """
+    repeats = num_heads // k.shape[2]
+    if repeats == 1:
+        return k, v
+    return k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+
+
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,11 +152,14 @@ def _check_inputs(
         raise ValueError(
             f"q, k, v must be [B, T, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if q.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape [B, T, H, K]")
-    if v.shape[:3] != q.shape[:3]:
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(
-            f"v {tuple(v.shape)} must share batch, time and heads with q {tuple(q.shape)}: [B, T, H, V]"
+            f"k {tuple(k.shape)} must be [B, T, H_kv, K] for q {tuple(q.shape)} = [B, T, H, K], with "
+            "H_kv dividing H (grouped-query attention)"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v {tuple(v.shape)} must share batch, time and heads with k {tuple(k.shape)}: [B, T, H_kv, V]"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -199,6 +216,7 @@ def _forward(
         # The kernels restart the state at document starts themselves: one launch for all documents.
         return _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens)
     fn = IMPLEMENTATIONS[impl]
+    k, v = repeat_kv(k, v, q.shape[2])
     if cu_seqlens is None:
         return fn(q, k, v, slopes, scale, initial_state)
     bounds: List[int] = cu_seqlens.tolist()

@@ -55,21 +55,25 @@ def recurrent_step_(
 
     The inference fast path (no autograd, no validation, no new state tensor): a static-shape
     cache buffer is rewritten where it lies, so a compiled decode step is a few fused kernels.
+    Grouped keys and values are broadcast over their query heads, never repeated in memory.
 
     Args:
         q (torch.Tensor): queries [B, 1, H, K].
-        k (torch.Tensor): keys [B, 1, H, K].
-        v (torch.Tensor): values [B, 1, H, V].
+        k (torch.Tensor): keys [B, 1, H_kv, K] (H_kv divides H; query head h reads h // (H / H_kv)).
+        v (torch.Tensor): values [B, 1, H_kv, V].
         gamma (torch.Tensor): per-head decay factors exp(-slopes) [H].
         scale (float): multiplies the keys.
-        state (torch.Tensor): [B, H, K, V] in the accumulation dtype, updated in place.
+        state (torch.Tensor): contiguous [B, H, K, V] in the accumulation dtype, updated in place.
 
     Returns:
         torch.Tensor: output [B, 1, H, V] in q's dtype.
     """
     out_dtype, acc = q.dtype, state.dtype
-    q, k, v = q[:, 0].to(acc), k[:, 0].to(acc), v[:, 0].to(acc)
-    state.mul_(gamma.to(acc)[None, :, None, None])
-    state.addcmul_(k[..., :, None], v[..., None, :], value=scale)
-    o = (q[..., None, :] @ state).squeeze(-2)
-    return o[:, None].to(out_dtype)
+    B, _, H, K = q.shape
+    H_kv, V = k.shape[2], v.shape[-1]
+    groups = state.view(B, H_kv, H // H_kv, K, V)
+    q = q[:, 0].to(acc).view(B, H_kv, H // H_kv, 1, K)
+    k, v = k[:, 0].to(acc), v[:, 0].to(acc)
+    groups.mul_(gamma.to(acc).view(1, H_kv, H // H_kv, 1, 1))
+    groups.addcmul_(k[:, :, None, :, None], v[:, :, None, None, :], value=scale)
+    return (q @ groups).view(B, 1, H, V).to(out_dtype)

@@ -77,13 +77,15 @@ _CHUNK_KEY = ["H", "K", "V", "BT", "BK", "BV", "IS_VARLEN", "PRECISION"]
 @triton.jit(do_not_specialize=["T"])
 def _chunk_fwd_h_kernel(
     k, v, h, h0, ht, slopes, cu_seqlens, chunk_offsets, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
+    # Grouped-query attention: this query head's state reads its key/value head by index.
+    i_hkv = i_h // (H // HKV)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
@@ -109,8 +111,8 @@ def _chunk_fwd_h_kernel(
         p_h = h + ((boh + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_kv)
         # Keys loaded transposed, [BK, BT], straight into the product.
-        b_kT = tl.load(k + (bos * H + i_h) * K + o_k[:, None] + o_t[None, :] * (H * K), mask=(o_k[:, None] < K) & m_t[None, :], other=0)
-        b_v = tl.load(v + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0)
+        b_kT = tl.load(k + (bos * HKV + i_hkv) * K + o_k[:, None] + o_t[None, :] * (HKV * K), mask=(o_k[:, None] < K) & m_t[None, :], other=0)
+        b_v = tl.load(v + (bos * HKV + i_hkv) * V + o_t[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0)
         # A last, shorter chunk ends `short` tokens early: shift every distance to its end.
         short = tl.maximum(i_t * BT + BT - seq_len, 0)
         b_h *= tl.exp(-s * (BT - short))
@@ -140,7 +142,7 @@ def _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS
 @triton.jit(do_not_specialize=["T"])
 def _chunk_fwd_o_kernel(
     q, k, v, h, o, slopes, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -154,9 +156,10 @@ def _chunk_fwd_o_kernel(
     m_t = i_t * BT + o_t < seq_len
     m_v = o_v < V
     row = (bos + i_t * BT) * H + i_h
+    row_kv = (bos + i_t * BT) * HKV + i_h // (H // HKV)
     p_q = q + row * K
-    p_k = k + row * K
-    p_v = v + row * V
+    p_k = k + row_kv * K
+    p_v = v + row_kv * V
     p_o = o + row * V
     p_h = h + (i_tg * H + i_h) * K * V
 
@@ -167,7 +170,7 @@ def _chunk_fwd_o_kernel(
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0)
-        b_kT = tl.load(p_k + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0)
+        b_kT = tl.load(p_k + o_k[:, None] + o_t[None, :] * (HKV * K), mask=m_k[:, None] & m_t[None, :], other=0)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
         b_o = _dot(b_q.to(b_h.dtype), b_h, b_o, PRECISION, UPCAST)
         b_A = _dot(b_q, b_kT, b_A, PRECISION, UPCAST)
@@ -175,10 +178,9 @@ def _chunk_fwd_o_kernel(
     distance = o_t[:, None] - o_t[None, :]
     m_A = distance >= 0
     b_A = tl.where(m_A, b_A * tl.exp(-s * tl.where(m_A, distance, 0)) * scale, 0)
-    p_tv = o_t[:, None] * (H * V) + o_v[None, :]
-    b_v = tl.load(p_v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0)
+    b_v = tl.load(p_v + o_t[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
     b_o = _dot(b_A.to(b_v.dtype), b_v, b_o, PRECISION, UPCAST)
-    tl.store(p_o + p_tv, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    tl.store(p_o + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.autotune(configs=_configs(_STATE_TILES), key=_STATE_KEY, prune_configs_by={"early_config_prune": _prune_tiles})
@@ -234,7 +236,7 @@ def _chunk_bwd_dh_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _chunk_bwd_dv_kernel(
     q, k, do, dh, dv, slopes, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -249,7 +251,7 @@ def _chunk_bwd_dv_kernel(
     m_v = o_v < V
     row = (bos + i_t * BT) * H + i_h
     p_q = q + row * K
-    p_k = k + row * K
+    p_k = k + ((bos + i_t * BT) * HKV + i_h // (H // HKV)) * K
     p_dh = dh + (i_tg * H + i_h) * K * V
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
@@ -259,7 +261,7 @@ def _chunk_bwd_dv_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_k = tl.load(p_k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0)
+        b_k = tl.load(p_k + o_t[:, None] * (HKV * K) + o_k[None, :], mask=m_tk, other=0)
         b_qT = tl.load(p_q + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0)
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
         b_dv = _dot(b_k.to(b_dh.dtype), b_dh, b_dv, PRECISION, UPCAST)
@@ -280,7 +282,7 @@ def _chunk_bwd_dv_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _chunk_bwd_dqk_kernel(
     q, k, v, do, h, dh, dq, dk, slopes, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -294,7 +296,8 @@ def _chunk_bwd_dqk_kernel(
     m_t = i_t * BT + o_t < seq_len
     m_k = o_k < K
     row = (bos + i_t * BT) * H + i_h
-    p_v = v + row * V
+    row_kv = (bos + i_t * BT) * HKV + i_h // (H // HKV)
+    p_v = v + row_kv * V
     p_do = do + row * V
     p_h = h + (i_tg * H + i_h) * K * V
     p_dh = dh + (i_tg * H + i_h) * K * V
@@ -307,9 +310,8 @@ def _chunk_bwd_dqk_kernel(
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
         m_vk = m_v[:, None] & m_k[None, :]
-        p_tv = o_t[:, None] * (H * V) + o_v[None, :]
-        b_v = tl.load(p_v + p_tv, mask=m_tv, other=0)
-        b_do = tl.load(p_do + p_tv, mask=m_tv, other=0)
+        b_v = tl.load(p_v + o_t[:, None] * (HKV * V) + o_v[None, :], mask=m_tv, other=0)
+        b_do = tl.load(p_do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0)
         # [BV, BK] tiles of the state before the chunk and of the gradient of the state after it.
         p_vk = o_k[None, :] * V + o_v[:, None]
         b_hT = tl.load(p_h + p_vk, mask=m_vk, other=0)
@@ -327,7 +329,7 @@ def _chunk_bwd_dqk_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = o_t[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + row * K + p_tk, mask=m_tk, other=0)
-    b_k = tl.load(k + row * K + p_tk, mask=m_tk, other=0)
+    b_k = tl.load(k + row_kv * K + o_t[:, None] * (HKV * K) + o_k[None, :], mask=m_tk, other=0)
     b_dq = _dot(b_dA.to(b_k.dtype), b_k, b_dq, PRECISION, UPCAST)
     b_dk = _dot(tl.trans(b_dA).to(b_q.dtype), b_q, b_dk, PRECISION, UPCAST)
     tl.store(dq + row * K + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
@@ -400,15 +402,17 @@ def chunk_fwd_h(
     initial_state: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """States before every chunk [chunks, H, K, V] and the final states [N, H, K, V] (float32)."""
-    B, T, H, K = k.shape
+    """States before every chunk [chunks, H, K, V] and the final states [N, H, K, V] (float32),
+    one per query head (H = the number of slopes) from keys/values [B, T, H_kv, *]."""
+    B, T, HKV, K = k.shape
+    H = slopes.shape[0]
     V = v.shape[-1]
     N, num_chunks, cu, offsets, _ = prepare_chunks(cu_seqlens, B, T)
     h = _empty((num_chunks, H, K, V), _state_dtype(k.dtype), k.device)
     ht = _empty((N, H, K, V), torch.float32, k.device)
     _chunk_fwd_h_kernel[_state_grid(K, V, N * H)](
         k, v, h, initial_state, ht, slopes, cu, offsets, scale, T,
-        H=H, K=K, V=V, BT=CHUNK_SIZE,
+        H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE,
         USE_INITIAL_STATE=initial_state is not None, IS_VARLEN=cu is not None, **_launch_options(k.dtype),
     )
     return h, ht
@@ -438,8 +442,8 @@ def chunk_fwd(
 
     Args:
         q (torch.Tensor): queries [B, T, H, K] in float32, bfloat16 or float16.
-        k (torch.Tensor): keys [B, T, H, K].
-        v (torch.Tensor): values [B, T, H, V].
+        k (torch.Tensor): keys [B, T, H_kv, K] (H_kv divides H; read by index, never repeated).
+        v (torch.Tensor): values [B, T, H_kv, V].
         slopes (torch.Tensor): per-head decay slopes [H], >= 0.
         scale (float): multiplies the keys.
         initial_state (Optional[torch.Tensor]): [B or N, H, K, V].
@@ -451,6 +455,7 @@ def chunk_fwd(
     """
     q, k, v, slopes, initial_state = _prepare_inputs(q, k, v, slopes, initial_state)
     B, T, H, K = q.shape
+    HKV = k.shape[2]
     V = v.shape[-1]
     h, ht = chunk_fwd_h(k, v, slopes, scale, initial_state, cu_seqlens)
     _, num_chunks, cu, _, indices = prepare_chunks(cu_seqlens, B, T)
@@ -459,7 +464,7 @@ def chunk_fwd(
     grid = (triton.cdiv(V, BV), num_chunks // B, B * H)
     _chunk_fwd_o_kernel[grid](
         q, k, v, h, o, slopes, cu, indices, scale, T,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **_launch_options(q.dtype),
+        H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **_launch_options(q.dtype),
     )
     return o, ht
 
@@ -491,6 +496,7 @@ def chunk_bwd(
     do = do.to(q.dtype).contiguous()
     dht = None if dht is None else dht.to(torch.float32).contiguous()
     B, T, H, K = q.shape
+    HKV = k.shape[2]
     V = v.shape[-1]
     h, _ = chunk_fwd_h(k, v, slopes, scale, initial_state, cu_seqlens)
     N, num_chunks, cu, offsets, indices = prepare_chunks(cu_seqlens, B, T)
@@ -505,18 +511,29 @@ def chunk_bwd(
         USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=dh0 is not None,
         IS_VARLEN=cu is not None, **options,
     )
-    dv = _empty((B, T, H, V), v.dtype, q.device)
+    # Under GQA every query head writes its own key/value gradient (float32, summed per group below).
+    grad_dtype = (lambda dtype: dtype) if HKV == H else (lambda dtype: torch.float32)
+    dv = _empty((B, T, H, V), grad_dtype(v.dtype), q.device)
     _chunk_bwd_dv_kernel[(triton.cdiv(V, BV), num_chunks // B, B * H)](
         q, k, do, dh, dv, slopes, cu, indices, scale, T,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
+        H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
     )
     dq = _empty((B, T, H, K), q.dtype, q.device)
-    dk = _empty((B, T, H, K), k.dtype, q.device)
+    dk = _empty((B, T, H, K), grad_dtype(k.dtype), q.device)
     _chunk_bwd_dqk_kernel[(triton.cdiv(K, BK), num_chunks // B, B * H)](
         q, k, v, do, h, dh, dq, dk, slopes, cu, indices, scale, T,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
+        H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
     )
+    dk, dv = _sum_groups(dk, HKV, k.dtype), _sum_groups(dv, HKV, v.dtype)
     return dq, dk, dv, (None if dh0 is None else dh0.to(state_dtype))
+
+
+def _sum_groups(grad: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-query-head gradients [B, T, H, D] -> their key/value heads' [B, T, H_kv, D] in ``dtype``."""
+    B, T, H, D = grad.shape
+    if H == num_kv_heads:
+        return grad
+    return grad.view(B, T, num_kv_heads, H // num_kv_heads, D).sum(dim=3).to(dtype)
 
 
 class ChunkLinearAttentionFunction(torch.autograd.Function):

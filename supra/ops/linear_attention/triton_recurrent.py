@@ -19,7 +19,7 @@ from supra.ops.linear_attention.triton_chunk import check_device, SUPPORTED_DTYP
 @triton.jit(do_not_specialize=["T"])
 def _fused_recurrent_fwd_kernel(
     q, k, v, o, h0, ht, slopes, cu_seqlens, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -44,9 +44,11 @@ def _fused_recurrent_fwd_kernel(
         b_h += tl.load(h0 + p_kv, mask=m_kv, other=0).to(tl.float32)
     for t in range(0, seq_len):
         row = (bos + t) * H + i_h
+        # Grouped-query attention: the key/value head of this query head, by index.
+        row_kv = (bos + t) * HKV + i_h // (H // HKV)
         b_q = tl.load(q + row * K + o_k, mask=m_k, other=0).to(tl.float32)
-        b_k = tl.load(k + row * K + o_k, mask=m_k, other=0).to(tl.float32) * scale
-        b_v = tl.load(v + row * V + o_v, mask=m_v, other=0).to(tl.float32)
+        b_k = tl.load(k + row_kv * K + o_k, mask=m_k, other=0).to(tl.float32) * scale
+        b_v = tl.load(v + row_kv * V + o_v, mask=m_v, other=0).to(tl.float32)
         b_h = b_h * gamma + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0)
         tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -74,7 +76,7 @@ def _launch(q, k, v, slopes, scale, initial_state, final_state, cu_seqlens) -> t
     BV = max(16, min(triton.next_power_of_2(V), 8192 // BK))
     _fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, o, initial_state, final_state, slopes, cu, scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=initial_state is not None, IS_VARLEN=cu is not None,
+        H=H, HKV=k.shape[2], K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=initial_state is not None, IS_VARLEN=cu is not None,
         num_warps=4,
     )
     return o
@@ -93,8 +95,8 @@ def fused_recurrent_fwd(
 
     Args:
         q (torch.Tensor): queries [B, T, H, K] in float32, bfloat16 or float16.
-        k (torch.Tensor): keys [B, T, H, K].
-        v (torch.Tensor): values [B, T, H, V].
+        k (torch.Tensor): keys [B, T, H_kv, K] (H_kv divides H).
+        v (torch.Tensor): values [B, T, H_kv, V].
         slopes (torch.Tensor): per-head decay slopes [H], >= 0.
         scale (float): multiplies the keys.
         initial_state (Optional[torch.Tensor]): [B or N, H, K, V]; read, not modified.
@@ -124,8 +126,8 @@ def fused_recurrent_linear_attention_(
 
     Args:
         q (torch.Tensor): queries [B, T, H, K] (T is small: one token or a few).
-        k (torch.Tensor): keys [B, T, H, K].
-        v (torch.Tensor): values [B, T, H, V].
+        k (torch.Tensor): keys [B, T, H_kv, K] (H_kv divides H).
+        v (torch.Tensor): values [B, T, H_kv, V].
         slopes (torch.Tensor): per-head decay slopes [H], >= 0.
         state (torch.Tensor): the recurrent state [B, H, K, V], contiguous float32; it becomes the
             state after the last token.
