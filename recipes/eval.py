@@ -57,6 +57,14 @@ DEFAULTS = {
 }
 
 
+def _plot(plot, data, path: Path) -> None:
+    """Plots, or says why not: a missing matplotlib must not throw away the numbers."""
+    try:
+        print(f"plot: {plot(data, path)}")
+    except ValueError as error:
+        print(f"no plot: {error}")
+
+
 def _harness(cfg: DictConfig, model, tokenizer, output_dir: Path, manager) -> Dict[str, Any]:
     from supra.eval.harness import SupraLM
     from supra.eval.runner import harness_table, run_harness, write_harness_json
@@ -97,8 +105,7 @@ def _position_perplexity(cfg: DictConfig, model, tokenizer, add_bos: bool, outpu
     rows = bucket_losses(losses, position_buckets(section.seq_len, section.first_bucket))
     print(f"loss by position ({len(windows)} windows of {section.seq_len} tokens from {section.data}):")
     print(format_buckets(rows))
-    plot = plot_position_losses({Path(str(cfg.checkpoint)).name: rows}, output_dir / "position_loss.png")
-    print(f"plot: {plot}")
+    _plot(plot_position_losses, {Path(str(cfg.checkpoint)).name: rows}, output_dir / "position_loss.png")
     return {"data": str(section.data), "seq_len": section.seq_len, "windows": len(windows), "buckets": rows}
 
 
@@ -110,7 +117,7 @@ def _passkey(cfg: DictConfig, model, tokenizer, add_bos: bool, output_dir: Path)
     )
     print(f"passkey retrieval accuracy ({section.trials} keys per cell):")
     print(format_grid(grid))
-    print(f"plot: {plot_grid(grid, output_dir / 'passkey.png')}")
+    _plot(plot_grid, grid, output_dir / "passkey.png")
     return grid
 
 
