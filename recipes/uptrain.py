@@ -8,6 +8,7 @@ is more than one process. The config keys and their defaults are ``DEFAULTS`` be
 """
 
 import argparse
+import itertools
 import logging
 import math
 import random
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from supra.checkpoint._io import iter_tensors, weight_files
-from supra.config import load_config, to_dict
+from supra.config import load_config, resolve_path, to_dict
 from supra.convert import linearize, new_parameter_names
 from supra.modules import is_linear_layer
 from supra.data import (
@@ -60,7 +61,7 @@ DEFAULTS: Dict[str, Any] = {
     "mixed_precision": "bf16",
     "model": {"checkpoint": None, "builder": None, "kwargs": {}, "dtype": "fp32"},
     "linearize": {"enabled": True, "layers": None, "decay": "alibi", "decay_start": None, "qk_norm": False,
-                  "feature_dim": None, "rope_style": "half", "norm_type": "rms_norm"},
+                  "feature_dim": None, "rope_style": "half", "norm_type": "rms_norm", "normalization": "group_norm"},
     "data": {"type": "shards", "path": None, "files": [], "tokenizer": None, "text_key": "text", "seq_len": 2048,
              "document_boundaries": False, "num_workers": 0, "heldout_path": None},
     "batch_size": 8,
@@ -77,6 +78,7 @@ DEFAULTS: Dict[str, Any] = {
     "log_every_n_steps": 1,
     "eval_every_n_steps": None,
     "eval_batches": 4,
+    "eval_before_training": False,
     "save_every_n_steps": 500,
     "keep_last_n_checkpoints": 2,
     "resume": False,
@@ -84,7 +86,10 @@ DEFAULTS: Dict[str, Any] = {
     "metric_logger": {"tensorboard_dir": None, "wandb": None},
 }
 FREE_FORM = ("model.kwargs", "metric_logger.wandb")
+# Tokenizer files a checkpoint folder may carry (the generate recipe looks for them there).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEACHER_LABEL = "teacher (softmax)"
 
 
 class UptrainRecipe:
@@ -97,6 +102,10 @@ class UptrainRecipe:
             self.device = torch.device(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
+        # (name, loss) of the held-out evaluations, in order, for the summary at the end.
+        self.heldout_losses: List["tuple[str, float]"] = []
+        self.heldout_tokens = 0
+        self.last_saved: Optional[Path] = None
 
     # ----- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -105,7 +114,9 @@ class UptrainRecipe:
         self._validate()
         _seed_everything(cfg.seed)
         self.train_data = self._dataset("train")
-        self.heldout_data = self._dataset("heldout") if cfg.eval_every_n_steps else None
+        needs_heldout = cfg.eval_every_n_steps or cfg.eval_before_training
+        self.heldout_data = self._dataset("heldout") if needs_heldout else None
+        self.tokenizer_files = self._tokenizer_files()
         self.model = self._build_model()
         self._check_vocab(self.train_data)
         self.new_names = new_parameter_names(self.model)
@@ -151,13 +162,15 @@ class UptrainRecipe:
             params = sum(p.numel() for p in self.model.parameters())
             logger.info("model: %s parameters (%d new); %d process(es) on %s", f"{params:,}", len(self.new_names),
                         self.world_size, self.device.type)
+        if cfg.eval_before_training and self.step == 0:
+            self._log_start_losses()
 
     def _validate(self) -> None:
         """Bad input fails here, before any training step."""
         cfg = self.cfg
         if (cfg.model.checkpoint is None) == (cfg.model.builder is None):
             raise ValueError("set exactly one of model.checkpoint (a checkpoint to load) and model.builder (a supra.models builder)")
-        if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
+        if cfg.model.checkpoint is not None and not resolve_path(cfg.model.checkpoint).exists():
             raise ValueError(f"model.checkpoint {cfg.model.checkpoint} does not exist")
         if cfg.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1; got {cfg.max_steps}")
@@ -172,6 +185,8 @@ class UptrainRecipe:
                     "keep_last_n_checkpoints"):
             if cfg[key] < 1:
                 raise ValueError(f"{key} must be >= 1; got {cfg[key]}")
+        if cfg.eval_batches is not None and cfg.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, or null for the whole held-out set; got {cfg.eval_batches}")
         if cfg.mixed_precision not in DTYPES:
             raise ValueError(f"mixed_precision {cfg.mixed_precision!r} is unknown; choose one of {sorted(DTYPES)}")
 
@@ -180,11 +195,12 @@ class UptrainRecipe:
         data = self.cfg.data
         seq_len, boundaries = data.seq_len, data.document_boundaries
         if data.type == "python_docs":
+            tokenizer = load_tokenizer(resolve_path(data.tokenizer)) if data.tokenizer is not None else None
             # Rank 0 writes the shards; the others read them once they exist.
             if self.rank == 0:
-                prepare_python_docs(self.output_dir / "data")
+                prepare_python_docs(self.output_dir / "data", tokenizer)
             _barrier()
-            folders = prepare_python_docs(self.output_dir / "data")
+            folders = prepare_python_docs(self.output_dir / "data", tokenizer)
             return TokenShardDataset(folders[split], seq_len, document_boundaries=boundaries)
         path = data.path if split == "train" else data.heldout_path
         if split == "heldout" and path is None:
@@ -201,20 +217,43 @@ class UptrainRecipe:
                 _require_path(file, "data.files")
             if data.tokenizer is None:
                 raise ValueError("data.type 'text' needs data.tokenizer (a sentencepiece .model or HF tokenizer.json)")
-            return TextDataset(files, load_tokenizer(data.tokenizer), seq_len, text_key=data.text_key,
+            return TextDataset(files, load_tokenizer(resolve_path(data.tokenizer)), seq_len, text_key=data.text_key,
                                document_boundaries=boundaries)
         raise ValueError(f"data.type {data.type!r} is unknown; choose one of ['shards', 'open_lm', 'text', 'python_docs']")
+
+    def _tokenizer_files(self) -> Dict[str, Path]:
+        """Tokenizer files to save beside every checkpoint's model (name there -> source), so the
+        generate recipe finds them: those of ``data.tokenizer`` when the data is tokenized with it,
+        else those in ``model.checkpoint``."""
+        cfg = self.cfg
+        if cfg.data.tokenizer is not None and cfg.data.type in ("text", "python_docs"):
+            source = resolve_path(cfg.data.tokenizer)
+        elif cfg.model.checkpoint is not None:
+            source = resolve_path(cfg.model.checkpoint)
+        else:
+            return {}
+        if source.is_file():
+            # A lone tokenizer file takes the name the generate recipe looks for.
+            files = {"tokenizer.json": source, "tokenizer_config.json": source.parent / "tokenizer_config.json"}
+            if source.suffix != ".json":
+                files = {"tokenizer.model": source}
+        else:
+            files = {name: source / name for name in TOKENIZER_FILES}
+        return {name: path for name, path in files.items() if path.is_file()}
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
         dtype = DTYPES[cfg.model.dtype]
         if cfg.model.checkpoint is not None:
-            model = load_checkpoint(cfg.model.checkpoint, dtype=dtype)
+            model = load_checkpoint(resolve_path(cfg.model.checkpoint), dtype=dtype)
         else:
             spec = {"builder": cfg.model.builder, "kwargs": to_dict(cfg.model)["kwargs"]}
             model = build_from_spec(spec, source="model.builder").to(dtype)
         softmax = [i for i, layer in enumerate(model.layers) if not is_linear_layer(layer)]
         if cfg.linearize.enabled and softmax:
+            if cfg.eval_before_training and not cfg.resume:
+                # The softmax model's own loss: the target that uptraining should recover.
+                self.heldout_losses.append((TEACHER_LABEL, self.evaluate(model.to(self.device))))
             args = {k: v for k, v in to_dict(cfg.linearize).items() if k != "enabled" and v is not None}
             args["layers"] = args.get("layers", softmax)
             linearize(model, **args)
@@ -247,6 +286,8 @@ class UptrainRecipe:
                 metrics.update(self.throughput.compute())
             if eval_now:
                 metrics["heldout_loss"] = self.evaluate()
+                if self.step == last_step:
+                    self.heldout_losses.append((f"after {self.step} steps", metrics["heldout_loss"]))
             if log_now or eval_now:
                 self.metrics.log(self.step, metrics)
                 bar.update(self.step, metrics)
@@ -304,18 +345,44 @@ class UptrainRecipe:
         return model(tokens, input_pos=positions, cu_seqlens=cu_seqlens_from_positions(positions))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over ``eval_batches`` batches of the held-out data."""
-        self.model.eval()
+    def evaluate(self, model: Optional[torch.nn.Module] = None) -> float:
+        """Mean next-token loss of ``model`` (default: the one in training) over the first
+        ``eval_batches`` batches of the held-out data (all of them when it is null)."""
+        model = self.model if model is None else model
+        model.eval()
         loader = build_dataloader(self.heldout_data, batch_size=self.cfg.batch_size, rank=self.rank,
-                                  world_size=self.world_size, seed=0, shuffle=False)
+                                  world_size=self.world_size, seed=0, shuffle=False, drop_last=False)
         ce, tokens = torch.zeros((), dtype=torch.float64, device=self.device), torch.zeros((), dtype=torch.float64, device=self.device)
-        for _, batch in zip(range(self.cfg.eval_batches), loader):
-            parts = lm_loss(self._forward(self.model, batch), batch["labels"].to(self.device))
+        for batch in itertools.islice(loader, self.cfg.eval_batches):
+            parts = lm_loss(self._forward(model, batch), batch["labels"].to(self.device))
             ce += parts.ce_sum.double()
             tokens += parts.num_tokens.double()
-        self.model.train()
-        return (_all_reduce_sum(ce) / _all_reduce_sum(tokens)).item()
+        model.train()
+        ce, tokens = _all_reduce_sum(ce), _all_reduce_sum(tokens)
+        self.heldout_tokens = int(tokens.item())
+        return (ce / tokens).item()
+
+    def _log_start_losses(self) -> None:
+        """Step 0 of metrics.jsonl: the held-out loss before any update (and the teacher's)."""
+        record = {"heldout_loss": self.evaluate()}
+        teacher = dict(self.heldout_losses).get(TEACHER_LABEL)
+        if teacher is not None:
+            record["heldout_loss_teacher"] = teacher
+        name = "before training" if teacher is None else "linearized, before uptraining"
+        self.heldout_losses.append((name, record["heldout_loss"]))
+        self.metrics.log(0, record)
+
+    def summary(self) -> str:
+        """The held-out losses of this run (teacher, start, end) and where the model was saved."""
+        lines = []
+        if self.heldout_losses:
+            width = max(len(name) for name, _ in self.heldout_losses)
+            lines.append(f"held-out loss ({self.heldout_tokens:,} tokens):")
+            lines.extend(f"  {name:<{width}}  {loss:.4f}" for name, loss in self.heldout_losses)
+        if self.last_saved is not None:
+            lines.append(f"saved {self.last_saved} (a supra checkpoint folder: load_checkpoint and the generate "
+                         "recipe read it)")
+        return "\n".join(lines)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -331,6 +398,8 @@ class UptrainRecipe:
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
             save_checkpoint(_unwrapped(self.model), staging / "model", state_dict=full)
+            for name, source in self.tokenizer_files.items():
+                shutil.copyfile(source, staging / "model" / name)
         _barrier()
         dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(staging / "optimizer"))
         torch.save(self._trainer_state(), staging / f"trainer_rank{self.rank}.pt")
@@ -342,6 +411,7 @@ class UptrainRecipe:
             for old in _complete_checkpoints(root)[: -self.cfg.keep_last_n_checkpoints or None]:
                 shutil.rmtree(old)
             logger.info("saved %s", final)
+        self.last_saved = final / "model"
         _barrier()
 
     def _trainer_state(self) -> Dict[str, Any]:
@@ -423,6 +493,8 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup()
         recipe.train()
+        if recipe.rank == 0:
+            print(recipe.summary(), flush=True)
     finally:
         if hasattr(recipe, "metrics"):
             recipe.cleanup()

@@ -21,6 +21,21 @@ def recipe_root() -> Path:
     return Path(__file__).resolve().parents[1] / "recipes"
 
 
+PACKAGE_PREFIX = "supra:"
+
+
+def resolve_path(path: Union[str, Path, None]) -> Optional[Path]:
+    """A path named in a config. ``supra:REL`` is ``REL`` inside the installed supra package (files
+    shipped with it, such as ``supra:assets/tiny_teacher``), found the same way in a checkout and
+    in an installed wheel; any other value is a plain path. None stays None."""
+    if path is None:
+        return None
+    text = str(path)
+    if text.startswith(PACKAGE_PREFIX):
+        return Path(__file__).resolve().parent / text[len(PACKAGE_PREFIX):]
+    return Path(text)
+
+
 def list_recipes() -> Dict[str, Path]:
     """Recipe name -> script, for every public ``*.py`` in the recipes folder."""
     root = recipe_root()

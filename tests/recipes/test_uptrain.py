@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -10,15 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from supra.config import list_configs, load_config, recipe_root
+from supra.config import list_configs, load_config, recipe_root, resolve_path
 from supra.data import write_token_shards
 
 RECIPE = runpy.run_path(str(recipe_root() / "uptrain.py"), run_name="uptrain_under_test")
+# A small softmax model built from scratch on byte tokens instead of tiny/uptrain's teacher.
 SMALL = [
-    "model.kwargs.num_layers=2", "model.kwargs.embed_dim=64", "model.kwargs.intermediate_dim=128",
-    "model.kwargs.softmax_layers=[0,1]", "data.seq_len=64", "batch_size=4", "log_every_n_steps=1",
-    "eval_every_n_steps=null", "scheduler.warmup_steps=2",
+    "model.checkpoint=null", "model.builder=supra_decoder",
+    "model.kwargs={vocab_size: 258, num_layers: 2, num_heads: 4, num_kv_heads: 2, embed_dim: 64, "
+    "intermediate_dim: 128, max_seq_len: 64, softmax_layers: [0, 1]}",
+    "data.tokenizer=null", "data.seq_len=64", "batch_size=4", "log_every_n_steps=1", "eval_every_n_steps=null",
+    "eval_before_training=false", "eval_batches=4", "scheduler.warmup_steps=2",
 ]
+TEACHER_TOKENIZER = "supra:assets/tiny_teacher/tokenizer.model"
 
 
 def _config(tmp_path, *overrides):
@@ -64,6 +69,8 @@ def _setup(config):
         (["batch_size=0"], "batch_size must be >= 1"),
         (["data.type=parquet"], "data.type 'parquet' is unknown"),
         (["model.builder=build_norm"], "is not a supra.models model builder"),
+        (["eval_batches=0"], "eval_batches must be >= 1, or null for the whole held-out set"),
+        (["model.builder=null", "model.checkpoint=supra:assets/no_such_model"], "model.checkpoint supra:assets/no_such_model does not exist"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message):
@@ -149,3 +156,46 @@ def test_tokenize_command_writes_shards_the_recipe_trains_on(tmp_path):
     assert main(["tokenize", str(texts), "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "shards")]) in (0, None)
     recipe = _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={tmp_path / 'shards'}", "model.kwargs.vocab_size=200"))
     assert recipe.train_data.vocab_size == 200 and len(recipe.train_data) > 4
+
+
+def test_supra_paths_name_files_inside_the_installed_package(tmp_path):
+    import supra
+
+    package = Path(supra.__file__).resolve().parent
+    assert resolve_path("supra:assets/tiny_teacher") == package / "assets" / "tiny_teacher"
+    assert resolve_path(TEACHER_TOKENIZER).is_file()
+    assert resolve_path(tmp_path / "x") == tmp_path / "x" and resolve_path("rel/x") == Path("rel/x")
+    assert resolve_path(None) is None
+
+
+def test_eval_before_training_reports_softmax_linearized_and_final_losses(tmp_path, capsys):
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=3", "eval_every_n_steps=3", "eval_before_training=true",
+                                  "eval_batches=2", "save_every_n_steps=3"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    start, end = records[0], records[-1]
+    assert start["step"] == 0 and set(start) == {"step", "heldout_loss", "heldout_loss_teacher", "timestamp"}
+    # A random softmax model predicts about uniformly; the untrained feature maps change its outputs.
+    assert start["heldout_loss_teacher"] != start["heldout_loss"]
+    out = capsys.readouterr().out
+    assert "held-out loss (512 tokens):" in out
+    for name, value in (("teacher (softmax)", start["heldout_loss_teacher"]),
+                        ("linearized, before uptraining", start["heldout_loss"]), ("after 3 steps", end["heldout_loss"])):
+        assert re.search(rf"  {re.escape(name)} +{value:.4f}", out), (name, out)
+    assert f"saved {tmp_path / 'checkpoints' / 'step_0000003' / 'model'}" in out
+
+
+def test_without_linearization_the_start_is_before_training(tmp_path, capsys):
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=1", "scheduler.warmup_steps=0", "eval_before_training=true",
+                                  "eval_batches=1", "linearize.enabled=false"))
+    out = capsys.readouterr().out
+    assert re.search(r"  before training +\d", out) and "teacher" not in out
+
+
+def test_every_checkpoint_carries_the_data_tokenizer(tmp_path):
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=1", "scheduler.warmup_steps=0", "model.kwargs.vocab_size=4096",
+                                  f"data.tokenizer={TEACHER_TOKENIZER}"))
+    saved = tmp_path / "checkpoints" / "step_0000001" / "model"
+    assert (saved / "tokenizer.model").read_bytes() == resolve_path(TEACHER_TOKENIZER).read_bytes()
+    from supra.data import load_tokenizer
+
+    assert load_tokenizer(saved).vocab_size == 4096
