@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from supra.config import load_config, to_dict
-from supra.eval.loading import default_add_bos, load_model, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
+from supra.loading import default_add_bos, load_model, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.eval.passkey import format_grid, passkey_grid, plot_grid
 from supra.eval.perplexity import (
     bucket_losses,

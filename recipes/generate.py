@@ -8,7 +8,6 @@ Prints the text as it is generated, then prefill and decode tokens/s and the sta
 
 import argparse
 import time
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -16,9 +15,9 @@ from omegaconf import DictConfig
 
 from supra.checkpoint import load_checkpoint
 from supra.config import load_config
-from supra.data import load_tokenizer
 from supra.data.python_docs import ByteTokenizer
 from supra.generation import generate
+from supra.loading import resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.modules import is_linear_layer
 
 DEFAULTS = {
@@ -36,35 +35,6 @@ DEFAULTS = {
     "device": "auto",
     "dtype": None,
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or an uptrain ``output_dir`` (its latest complete checkpoint)."""
-    if path is None:
-        raise ValueError("set checkpoint= (a checkpoint folder, or an uptrain output_dir)")
-    folder = Path(path)
-    steps = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
-    if steps:
-        return steps[-1] / "model"
-    if not folder.exists():
-        raise ValueError(f"checkpoint {folder} does not exist (run the uptrain recipe first, or point at a checkpoint folder)")
-    return folder
-
-
-def resolve_tokenizer(name: Optional[str], checkpoint: Path):
-    """``bytes``, a tokenizer path, or (None) the tokenizer files inside the checkpoint folder."""
-    if name == "bytes":
-        return ByteTokenizer()
-    if name is not None:
-        return load_tokenizer(name)
-    for file in TOKENIZER_FILES:
-        if (checkpoint / file).exists():
-            return load_tokenizer(checkpoint / file)
-    raise ValueError(f"{checkpoint} has no {' or '.join(TOKENIZER_FILES)}; set tokenizer= (a path, or 'bytes')")
-
-
 def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
     """Bytes of float32 recurrent state for ``batch_size`` sequences: constant in context length."""
     return sum(
@@ -76,8 +46,7 @@ def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
 def recipe_main(cfg: DictConfig) -> List[int]:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(cfg.tokenizer, checkpoint)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
-    model = load_checkpoint(checkpoint, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, device=device)
+    model = load_checkpoint(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device))
     prompt = tokenizer.encode(cfg.prompt)
     if getattr(tokenizer, "bos_id", None) is not None and tokenizer.bos_id >= 0 and not isinstance(tokenizer, ByteTokenizer):
         prompt = [tokenizer.bos_id] + prompt

@@ -5,6 +5,7 @@
     supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]
     supra convert SRC DST [--to supra|openlm] [--linearize] [--dtype bf16]
     supra tokenize INPUTS... --tokenizer T --out DIR
+    supra lm-eval --model supra --model_args checkpoint=PATH --tasks ...   (lm-evaluation-harness)
 
 With torchrun options (``--nproc-per-node 2``, ``--nnodes``, ``--rdzv-endpoint``, ...) the recipe
 runs under ``torch.distributed.run``; without them, in this process.
@@ -18,13 +19,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 
 from supra.config import find_config, list_configs, list_recipes, split_launcher_args
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
 
 def run_recipe(name: str, args: List[str]) -> None:
     """Runs recipe ``name`` with ``args``, under torchrun when launcher options are present.
@@ -46,9 +42,14 @@ def run_recipe(name: str, args: List[str]) -> None:
 def convert(args: argparse.Namespace) -> None:
     """Loads SRC in any supported format and writes DST as a supra or openlm folder."""
     from supra.checkpoint import export_openlm, load_checkpoint, save_checkpoint
+    from supra.loading import resolve_dtype
 
+    try:
+        dtype = resolve_dtype(args.dtype)
+    except ValueError as error:
+        raise SystemExit(f"supra convert: {error}")
     model = load_checkpoint(
-        args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=args.config,
+        args.src, dtype=dtype, config=args.config,
         linearize=True if args.linearize else None,
     )
     if args.to == "openlm":
@@ -81,11 +82,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         from supra.data.tokenize import main as tokenize_main
 
         return tokenize_main(argv[1:])
+    if argv and argv[0] == "lm-eval":
+        # lm-eval's own command line (every option) with model "supra" registered: see docs/evaluation.md.
+        from supra.eval.__main__ import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="supra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ls", help="list recipes and shipped configs")
     commands.add_parser("run", help="run a recipe: supra run RECIPE [torchrun options] [--config C] [k=v ...]")
     commands.add_parser("tokenize", help="tokenize text/jsonl/parquet into token shards (supra tokenize --help)")
+    commands.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with model 'supra' (supra lm-eval --help)")
     cp = commands.add_parser("cp", help="copy a shipped config")
     cp.add_argument("config")
     cp.add_argument("destination")
@@ -94,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     conv.add_argument("dst", help="output folder")
     conv.add_argument("--to", choices=("supra", "openlm"), default="supra", help="output format (default supra)")
     conv.add_argument("--linearize", action="store_true", help="linearize a softmax checkpoint (new parameters initialized)")
-    conv.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+    conv.add_argument("--dtype", help="cast the weights: fp32, bf16, fp16 (or float32, bfloat16, float16; default: keep)")
     conv.add_argument("--config", help="open_lm model config JSON, for raw open_lm checkpoints")
     conv.add_argument("--max-shard-size", default="5GB", help="safetensors shard size for --to supra (default 5GB)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

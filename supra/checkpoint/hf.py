@@ -26,11 +26,14 @@ _LAYER_KEYS = {
 _LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+HF_REQUIRED_KEYS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+
+
 def hf_decoder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
     """``supra_decoder`` arguments for an HF softmax ``config.json`` (all layers softmax).
 
     Raises:
-        ValueError: for an unsupported model type, activation, RoPE type or option.
+        ValueError: for an unsupported model type, activation, RoPE type or option, or a missing key.
     """
     model_type = config.get("model_type")
     if model_type not in HF_MODEL_TYPES:
@@ -47,6 +50,9 @@ def hf_decoder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
             "sliding_window=%s is not applied: attention is full (identical for sequences up to the window)",
             config["sliding_window"],
         )
+    missing = [key for key in HF_REQUIRED_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"HF config.json lacks {missing}; a {model_type} config needs {list(HF_REQUIRED_KEYS)}")
     rope = _rope_parameters(config)
     num_layers = config["num_hidden_layers"]
     return dict(

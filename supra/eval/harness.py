@@ -24,7 +24,7 @@ from torchtune.generation import generate as torchtune_generate
 from tqdm import tqdm
 
 from supra.data.python_docs import ByteTokenizer
-from supra.eval.loading import (
+from supra.loading import (
     default_add_bos,
     load_model,
     resolve_checkpoint,

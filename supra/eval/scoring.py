@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 # Generation's cache handling: empty caches for the call, the model left as found afterwards.
-from supra.generation.generate import _prepared_caches as prepared_caches
+from supra.generation import prepared_caches
 from supra.modules import SupraDecoder, is_linear_layer
 
 

@@ -81,7 +81,7 @@ def generate(
     generators = _generators(seed, batch_size, device)
     stop = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
 
-    with _prepared_caches(model, batch_size, total_len):
+    with prepared_caches(model, batch_size, total_len):
         softmax = [layer for layer in model.layers if not is_linear_layer(layer)]
         hybrid = HybridInputs(prompt_mask, max_new_tokens, softmax[0].attn.kv_cache.k_cache.shape[2]) if softmax else None
         prefill_kwargs = hybrid.prefill() if hybrid else {}
@@ -137,8 +137,14 @@ class HybridInputs:
 
 
 @contextlib.contextmanager
-def _prepared_caches(model: nn.Module, batch_size: int, total_len: int) -> Iterator[None]:
-    """Empty caches for the call; afterwards the model is as it was (caches deleted or reset)."""
+def prepared_caches(model: nn.Module, batch_size: int, total_len: int) -> Iterator[None]:
+    """Empty caches for ``batch_size`` sequences of up to ``total_len`` tokens, in eval mode, for the
+    duration of a ``with`` block; afterwards the model is as it was (caches deleted or reset, its
+    train/eval mode restored).
+
+    Raises:
+        ValueError: if existing caches are too small for the batch or (softmax layers) the length.
+    """
     was_training = model.training
     had_caches = model.caches_are_setup()
     if had_caches:

@@ -401,6 +401,11 @@ def test_unsupported_activation(tmp_path):
         load_checkpoint(_folder_with_config(tmp_path, lambda c: c.update(hidden_act="gelu")))
 
 
+def test_config_missing_a_key(tmp_path):
+    with pytest.raises(ValueError, match=r"HF config.json lacks \['num_hidden_layers'\]"):
+        load_checkpoint(_folder_with_config(tmp_path, lambda c: c.pop("num_hidden_layers")))
+
+
 def _edit_weights(tmp_path, edit):
     folder = _write(_hf_model("llama", seed=2), tmp_path / "hf")
     tensors = load_file(str(folder / "model.safetensors"))

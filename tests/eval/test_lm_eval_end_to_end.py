@@ -84,6 +84,16 @@ def test_the_lm_eval_command_gets_supra_and_the_local_tasks(tiny_checkpoint, icl
         lm_eval_main(["--local_data", str(icl_dir), "--include_path", str(tmp_path), "--tasks", "x"])
 
 
+def test_supra_lm_eval_subcommand_is_the_same_command(tiny_checkpoint, monkeypatch):
+    from supra._cli.main import main as supra_main
+
+    executed = []
+    monkeypatch.setattr(HarnessCLI, "execute", lambda self, args: executed.append(args))
+    supra_main(["lm-eval", "--model", "supra", "--model_args", f"checkpoint={tiny_checkpoint}", "--tasks", "piqa"])
+    [args] = executed
+    assert (args.model, args.tasks) == ("supra", ["piqa"])
+
+
 def test_unknown_task_names_and_malformed_files_fail_before_any_model_loads(icl_dir, tmp_path):
     with pytest.raises(ValueError, match=r"unknown task\(s\): 'local_arc_esay' \(closest: \['local_arc_easy'"):
         prepare_tasks(["local_arc_esay"], local_data=icl_dir, work_dir=tmp_path)

@@ -85,7 +85,7 @@ def load_model(
     try:
         return load_checkpoint(path, dtype=dtype, device=device, linearize=linearize)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
-        # A KeyError's text is just the key: say what it is.
+        # A KeyError's text is just the key (a config missing one that no loader checks): say what it is.
         reason = f"its config lacks the key {error}" if isinstance(error, KeyError) else str(error)
         raise ValueError(
             f"checkpoint {path} failed to load: {reason}. Check the path and its files (supra convert reads "
