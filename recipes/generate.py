@@ -7,6 +7,7 @@ Prints the text as it is generated, then prefill and decode tokens/s and the sta
 """
 
 import argparse
+import math
 import time
 from typing import List, Optional
 
@@ -37,10 +38,7 @@ DEFAULTS = {
 }
 def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
     """Bytes of float32 recurrent state for ``batch_size`` sequences: constant in context length."""
-    return sum(
-        batch_size * layer.attn.num_heads * layer.attn.feature_dim * layer.attn.head_dim * 4
-        for layer in model.layers if is_linear_layer(layer)
-    )
+    return sum(math.prod(layer.attn.state_shape(batch_size)) * 4 for layer in model.layers if is_linear_layer(layer))
 
 
 def recipe_main(cfg: DictConfig) -> List[int]:

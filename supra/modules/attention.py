@@ -127,13 +127,18 @@ class LinearAttention(nn.Module):
         if self.kv_cache is not None:
             logger.warning("Recurrent caches are already set up; keeping the existing ones.")
             return
+        _, num_heads, key_dim, value_dim = self.state_shape(batch_size)
+        device = self.q_proj.weight.device
+        self.kv_cache = RecurrentStateCache(batch_size, num_heads, key_dim, value_dim, device)
+        self.cache_enabled = True
+
+    def state_shape(self, batch_size: int = 1):
+        """The recurrent state's shape [B, H, d_k, V] (float32): fixed, whatever the context."""
         value_dim = self.output_proj.weight.shape[1] // self.num_heads
         if self.denominator_eps is not None:
             # The denominator is carried as one extra value column of the state.
             value_dim += 1
-        device = self.q_proj.weight.device
-        self.kv_cache = RecurrentStateCache(batch_size, self.num_heads, self.feature_dim, value_dim, device)
-        self.cache_enabled = True
+        return (batch_size, self.num_heads, self.feature_dim, value_dim)
 
     def reset_cache(self) -> None:
         """Empties the recurrent state and position counters."""
