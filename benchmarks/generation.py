@@ -321,17 +321,6 @@ def timed_generate(model, prompt: List[int], max_new_tokens: int, compile: bool)
 
 
 @torch.no_grad()
-def last_position_prefill(model: SupraDecoder, tokens: torch.Tensor) -> torch.Tensor:
-    """The prefill generate needs: every layer (state stored in the caches), then logits for the last
-    position only. SupraDecoder.forward returns logits for all positions."""
-    h = model.tok_embeddings(tokens)
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    for layer in model.layers:
-        h = layer(h, mask=mask)
-    return model.output(model.norm(h[:, -1:])).float()
-
-
-@torch.no_grad()
 def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
     length = args.prefill_len
     prompt = random_tokens(length, args.seed + 1)
@@ -340,9 +329,9 @@ def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
     def supra_generate() -> None:
         generate(linear, [prompt_list], max_new_tokens=1)
 
-    def supra_last_only() -> None:
+    def supra_all_logits() -> None:
         linear.setup_caches(batch_size=1, dtype=torch.float32)
-        last_position_prefill(linear, prompt)
+        linear(prompt)
         delete_kv_caches(linear)
 
     def torchtune_cached() -> None:
@@ -353,7 +342,7 @@ def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
     def torchtune_causal() -> None:
         softmax(prompt)
 
-    runs = {"supra": supra_generate, "supra_last_only": supra_last_only, "torchtune": torchtune_cached}
+    runs = {"supra": supra_generate, "supra_all_logits": supra_all_logits, "torchtune": torchtune_cached}
     if not args.no_causal_prefill:
         runs["torchtune_causal"] = torchtune_causal
     times: Dict[str, List[float]] = {name: [] for name in runs}
@@ -609,9 +598,9 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
     p = prefill
     emit(f"Prefill of {p['length']} tokens, seconds (median of {p['reps']} interleaved runs; "
          "ratio = time / supra generate()):")
-    emit(f"  (a)  supra generate(): chunked prefill, logits for every position   {p['supra']:8.2f}")
-    emit(f"  (a') the same layers, logits for the last position only              {p['supra_last_only']:8.2f}   "
-         f"{ratio(p['supra_last_only'], p['supra'])}   (all-position logits alone: {p['all_logits']:.2f} s)")
+    emit(f"  (a)  supra generate(): chunked prefill, logits for the last position {p['supra']:8.2f}")
+    emit(f"  (a') the same prefill with logits for every position               {p['supra_all_logits']:8.2f}   "
+         f"{ratio(p['supra_all_logits'], p['supra'])}   (all-position logits alone: {p['all_logits']:.2f} s)")
     emit(f"  (b)  torchtune generate(): KV cache + explicit mask                  {p['torchtune']:8.2f}   "
          f"{ratio(p['torchtune'], p['supra'])}")
     if "torchtune_causal" in p:
@@ -641,7 +630,10 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
     checks.append((f"supra eager at {first} not slower than torchtune: {vs_first_eager:.2f}x >= 1", vs_first_eager >= 1))
     if compiled:
         vs_first = med[first]["torchtune KV"] / med[first]["supra compiled"]
-        checks.append((f"supra compiled at {first}: {vs_first:.2f}x faster than torchtune >= 1.5x", vs_first >= 1.5))
+        # No decode step of this model can beat streaming its weights once: that bounds the ratio.
+        bound = med[first]["torchtune KV"] / med[first]["weight floor"]
+        checks.append((f"supra compiled at {first}: {vs_first:.2f}x faster than torchtune >= 1.5x (bound: torchtune / "
+                       f"weight floor = {bound:.2f}x)", vs_first >= 1.5))
     for key, label in (("torchtune", "torchtune generate() (KV cache)"), ("torchtune_causal", "torchtune causal forward")):
         if key in p:
             checks.append((f"prefill {p['length']}: {p[key] / p['supra']:.2f}x faster than {label} >= 2x",
