@@ -177,6 +177,20 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' ``generate``, taking a cache as ``past_key_values`` or ``cache`` whatever
+        the transformers version (it renamed the argument in 5.2x).
+
+        Raises:
+            ValueError: if both names are given.
+        """
+        other = "past_key_values" if _CACHE_FIELD == "cache" else "cache"
+        if other in kwargs:
+            if _CACHE_FIELD in kwargs:
+                raise ValueError("pass the cache as cache or past_key_values, not both")
+            kwargs[_CACHE_FIELD] = kwargs.pop(other)
+        return super().generate(*args, **kwargs)
+
     def _resolve_cache(self, cache, past_key_values, use_cache) -> Optional[SupraCache]:
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the cache as cache or past_key_values, not both")
