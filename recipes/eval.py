@@ -11,14 +11,13 @@ Prints each table; writes ``output_dir/harness.json`` (lm-eval's results), ``res
 numbers) and the plots.
 """
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from supra.config import load_config, to_dict
+from supra.config import parse_recipe_args, to_dict
 from supra.loading import default_add_bos, load_model, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.eval.passkey import format_grid, passkey_grid, plot_grid
 from supra.eval.perplexity import (
@@ -156,11 +155,7 @@ def recipe_main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[local_copa] limit=50")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, defaults=DEFAULTS)
+    return parse_recipe_args(__doc__, DEFAULTS, 'tasks=[local_copa] limit=50', argv)
 
 
 if __name__ == "__main__":

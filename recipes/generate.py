@@ -6,7 +6,6 @@
 Prints the text as it is generated, then prefill and decode tokens/s and the state size.
 """
 
-import argparse
 import math
 import time
 from typing import List, Optional
@@ -15,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from supra.checkpoint import load_checkpoint
-from supra.config import load_config
+from supra.config import parse_recipe_args
 from supra.data.python_docs import ByteTokenizer
 from supra.generation import generate
 from supra.loading import resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
@@ -84,11 +83,7 @@ def recipe_main(cfg: DictConfig) -> List[int]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
-    parser.add_argument("overrides", nargs="*", help='key=value overrides, e.g. prompt="Once upon a time"')
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, defaults=DEFAULTS)
+    return parse_recipe_args(__doc__, DEFAULTS, 'prompt="Once upon a time"', argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ default); a config may set any of them, and a misspelled key is an error that li
 valid keys near it, before anything runs.
 """
 
+import argparse
 import difflib
 import importlib.util
 from pathlib import Path
@@ -93,6 +94,29 @@ def load_config(
         check_keys(OmegaConf.to_container(config), defaults, set(free_form))
         config = OmegaConf.merge(OmegaConf.create(defaults), config)
     return config
+
+
+def parse_recipe_args(
+    description: str,
+    defaults: Dict[str, Any],
+    override_example: str,
+    argv: Optional[Sequence[str]] = None,
+    free_form: Iterable[str] = (),
+) -> DictConfig:
+    """A recipe's command line, ``--config CONFIG [key=value ...]``, loaded with ``load_config``.
+
+    Args:
+        description: the recipe's help text (its module docstring).
+        defaults: every valid key with its default (see ``load_config``).
+        override_example: shown in ``--help``, e.g. ``'prompt="Once upon a time"'``.
+        argv: the arguments; None reads ``sys.argv``.
+        free_form: dotted sections whose keys are not checked.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, defaults=defaults, free_form=free_form)
 
 
 def check_keys(config: Dict[str, Any], defaults: Dict[str, Any], free_form: set, prefix: str = "") -> None:
