@@ -29,10 +29,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-# Rebuild the committed teacher (tokenizer, pretraining, bf16 checkpoint, card.json): ~15-25 min.
+# Rebuild the committed teacher (tokenizer, pretraining, bf16 checkpoint, card.json): ~20 min.
 teacher: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python recipes/tiny_teacher.py --out supra/assets/tiny_teacher
 
-# The small-scale SUPRA replication of docs/results/mini_supra.md (table and plots): ~1 hour.
+# The small-scale SUPRA replication of docs/results/mini_supra.md (tables and plots): ~1 hour.
 mini-supra: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[bench]"
 	OMP_NUM_THREADS=1 $(VENV)/bin/python recipes/mini_supra.py

@@ -9,7 +9,7 @@
    corpus record (Python version, SHA-256 of each split), the held-out loss of the saved weights
    over the whole held-out split, and the command.
 
-Offline, CPU, about 15 minutes on 2 cores. Training runs in fp32 with the threads given; the same
+Offline, CPU, about 20 minutes on one thread. Training runs in fp32 with the threads given; the same
 torch version and thread count reproduce the weights, other ones the losses to about 1e-3.
 """
 
