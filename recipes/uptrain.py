@@ -204,7 +204,8 @@ class UptrainRecipe:
             return TokenShardDataset(folders[split], seq_len, document_boundaries=boundaries)
         path = data.path if split == "train" else data.heldout_path
         if split == "heldout" and path is None:
-            raise ValueError("eval_every_n_steps needs data.heldout_path (held-out data in the same format)")
+            raise ValueError("eval_every_n_steps and eval_before_training need data.heldout_path (held-out data in the "
+                             "same format); set it, or set both to null / false")
         if data.type == "shards":
             _require_path(path, "data.path" if split == "train" else "data.heldout_path")
             return TokenShardDataset(path, seq_len, document_boundaries=boundaries)
