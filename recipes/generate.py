@@ -15,9 +15,8 @@ from omegaconf import DictConfig
 
 from supra.checkpoint import load_checkpoint
 from supra.config import parse_recipe_args
-from supra.data.python_docs import ByteTokenizer
 from supra.generation import generate
-from supra.loading import resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
+from supra.loading import default_add_bos, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.modules import is_linear_layer
 
 DEFAULTS = {
@@ -44,12 +43,13 @@ def recipe_main(cfg: DictConfig) -> List[int]:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(cfg.tokenizer, checkpoint)
     model = load_checkpoint(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device))
-    prompt = tokenizer.encode(cfg.prompt)
-    if getattr(tokenizer, "bos_id", None) is not None and tokenizer.bos_id >= 0 and not isinstance(tokenizer, ByteTokenizer):
-        prompt = [tokenizer.bos_id] + prompt
+    prompt = ([tokenizer.bos_id] if default_add_bos(tokenizer) else []) + tokenizer.encode(cfg.prompt)
     stop = [tokenizer.eos_id] if cfg.stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
 
     generated: List[int] = []
+    # Decoding the new tokens with the prompt keeps the space a sentencepiece piece opens with
+    # (decoded alone, a leading space is dropped); only what follows the prompt's text is shown.
+    prompt_text = tokenizer.decode(prompt)
     shown = ""
     times = []
 
@@ -57,7 +57,10 @@ def recipe_main(cfg: DictConfig) -> List[int]:
         nonlocal shown
         times.append(time.perf_counter())
         generated.append(int(tokens[0]))
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(prompt + generated)[len(prompt_text):]
+        if text.endswith("\ufffd"):
+            # A multi-byte character split across tokens: wait for its remaining bytes.
+            return
         print(text[len(shown):], end="", flush=True)
         shown = text
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from supra.checkpoint import load_checkpoint
+from supra.config import resolve_path
 from supra.data import load_tokenizer
 from supra.data.python_docs import ByteTokenizer
 
@@ -18,14 +19,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def resolve_checkpoint(path: Optional[Union[str, Path]]) -> Path:
-    """A checkpoint folder or file, or an uptrain ``output_dir`` (then its latest checkpoint).
+    """A checkpoint folder or file, or an uptrain ``output_dir`` (then its latest checkpoint);
+    ``supra:REL`` names one shipped with supra (``supra:assets/tiny_teacher``).
 
     Raises:
         ValueError: for None or a path that does not exist.
     """
     if path is None:
         raise ValueError("no checkpoint given: set checkpoint= (a checkpoint folder, or an uptrain output_dir)")
-    folder = Path(path)
+    folder = resolve_path(path)
     steps = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
     if steps:
         return steps[-1] / "model"
@@ -101,6 +103,8 @@ def default_add_bos(tokenizer, add_bos: Optional[bool] = None) -> bool:
         ValueError: for ``add_bos=True`` with a tokenizer that has no BOS.
     """
     bos = getattr(tokenizer, "bos_id", None)
+    # sentencepiece reports a disabled BOS as -1.
+    bos = None if bos is None or bos < 0 else bos
     if add_bos is None:
         return bos is not None and not isinstance(tokenizer, ByteTokenizer)
     if add_bos and bos is None:

@@ -8,7 +8,9 @@ length it may even get worse.
 
 Data (``data=``):
 
-- ``"python_docs"``: the held-out split of Python's pydoc topics, byte-tokenized (offline demo).
+- ``"python_docs"``: the held-out split of supra's offline corpus (Python's pydoc topics and
+  standard-library docstrings, ``supra.data.python_docs``), in the model's tokenizer (bytes when
+  none is given).
 - a token shard folder (``supra tokenize`` output, ``index.json`` inside).
 - text files or folders (``.txt``, ``.jsonl``, ``.parquet``, ... as ``supra tokenize`` reads them),
   tokenized here with ``tokenizer``.

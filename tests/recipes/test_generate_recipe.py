@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from supra.checkpoint import load_checkpoint, save_checkpoint
-from supra.config import load_config, recipe_root
+from supra.config import load_config, recipe_root, resolve_path
+from supra.data import load_tokenizer
 from supra.generation import generate
 from supra.models import supra_test_tiny
 
@@ -41,6 +42,21 @@ def test_compiled_decode_reports_compilation_apart_from_tokens_per_second(tmp_pa
     assert tokens == generate(load_checkpoint(tmp_path / "ckpt"), [list(b"Hello")], max_new_tokens=6)[0]
     assert re.search(r"compilation: the first decode step took [0-9.]+ s \(not counted in tokens/s\)",
                      capsys.readouterr().out)
+
+
+def test_streamed_sentencepiece_text_equals_decoding_the_whole_sequence(capsys):
+    # The shipped teacher (a supra: path) and its sentencepiece tokenizer: pieces open with a space
+    # that decoding the new tokens alone would drop.
+    tokens = RECIPE["recipe_main"](_config("checkpoint=supra:assets/tiny_teacher", "temperature=0",
+                                           "max_new_tokens=12", "stop_at_eos=false", "prompt=Return a list of"))
+    tokenizer = load_tokenizer(resolve_path("supra:assets/tiny_teacher") / "tokenizer.model")
+    prompt = [tokenizer.bos_id] + tokenizer.encode("Return a list of")
+    out = capsys.readouterr().out
+    streamed = out[: out.index("\nprefill:")]
+    assert streamed == tokenizer.decode(prompt + tokens)
+    # The continuation opens with a space-led piece here (" the ..."), the case a decode of the
+    # new tokens alone gets wrong.
+    assert streamed.startswith("Return a list of ")
 
 
 def test_uptrain_output_dir_resolves_to_its_latest_checkpoint(tmp_path):
