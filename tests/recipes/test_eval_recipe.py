@@ -17,7 +17,8 @@ TEXT = "The with statement wraps a block in methods of a context manager. " * 12
 
 
 def _config(*overrides):
-    return load_config("tiny/eval", list(overrides), defaults=RECIPE["DEFAULTS"])
+    # The test checkpoints are byte-level models without tokenizer files.
+    return load_config("tiny/eval", ["tokenizer=bytes", *overrides], defaults=RECIPE["DEFAULTS"])
 
 
 @pytest.fixture
