@@ -7,7 +7,6 @@ One process on a CPU, many GPUs, or many nodes (torchrun): FSDP2 shards every bl
 is more than one process. The config keys and their defaults are ``DEFAULTS`` below.
 """
 
-import argparse
 import itertools
 import logging
 import math
@@ -32,7 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from supra.checkpoint._io import iter_tensors, weight_files
-from supra.config import load_config, resolve_path, to_dict
+from supra.config import parse_recipe_args, resolve_path, to_dict
+from supra.loading import DTYPES
 from supra.convert import linearize, new_parameter_names
 from supra.modules import is_linear_layer
 from supra.data import (
@@ -88,7 +88,6 @@ DEFAULTS: Dict[str, Any] = {
 FREE_FORM = ("model.kwargs", "metric_logger.wandb")
 # Tokenizer files a checkpoint folder may carry (the generate recipe looks for them there).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEACHER_LABEL = "teacher (softmax)"
 
 
@@ -502,11 +501,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=1e-4")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, defaults=DEFAULTS, free_form=FREE_FORM)
+    return parse_recipe_args(__doc__, DEFAULTS, "optimizer.lr=1e-4", argv, free_form=FREE_FORM)
 
 
 if __name__ == "__main__":
