@@ -418,7 +418,8 @@ def chunk_fwd_h(
     return h, ht
 
 
-def _prepare_inputs(q, k, v, slopes, initial_state):
+def prepare_inputs(q, k, v, slopes, initial_state):
+    """Checks the device and dtype, and gives the kernels contiguous inputs and float32 slopes / state."""
     check_device(q)
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs; got {q.dtype}")
@@ -453,7 +454,7 @@ def chunk_fwd(
         Tuple[torch.Tensor, torch.Tensor]: output [B, T, H, V] in q's dtype, final states
         [B or N, H, K, V] in float32.
     """
-    q, k, v, slopes, initial_state = _prepare_inputs(q, k, v, slopes, initial_state)
+    q, k, v, slopes, initial_state = prepare_inputs(q, k, v, slopes, initial_state)
     B, T, H, K = q.shape
     HKV = k.shape[2]
     V = v.shape[-1]
@@ -492,7 +493,7 @@ def chunk_bwd(
         dtype (None without an initial state).
     """
     state_dtype = None if initial_state is None else initial_state.dtype
-    q, k, v, slopes, initial_state = _prepare_inputs(q, k, v, slopes, initial_state)
+    q, k, v, slopes, initial_state = prepare_inputs(q, k, v, slopes, initial_state)
     do = do.to(q.dtype).contiguous()
     dht = None if dht is None else dht.to(torch.float32).contiguous()
     B, T, H, K = q.shape

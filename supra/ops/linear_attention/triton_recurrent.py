@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from supra.ops.linear_attention.triton_chunk import check_device, SUPPORTED_DTYPES
+from supra.ops.linear_attention.triton_chunk import prepare_inputs
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -61,11 +61,8 @@ def _empty(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _launch(q, k, v, slopes, scale, initial_state, final_state, cu_seqlens) -> torch.Tensor:
-    check_device(q)
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs; got {q.dtype}")
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    slopes = slopes.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    # The state is passed apart: the in-place variant reads and writes the caller's buffer.
+    q, k, v, slopes, _ = prepare_inputs(q, k, v, slopes, None)
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
