@@ -13,7 +13,7 @@ import torch
 
 from supra.ops.linear_attention.chunk import chunk_linear_attention
 from supra.ops.linear_attention.fused_recurrent import recurrent_linear_attention
-from supra.ops.linear_attention.naive import compute_dtype, naive_linear_attention
+from supra.ops.linear_attention.naive import compute_dtype, naive_linear_attention, repeat_kv
 
 IMPLEMENTATIONS: Dict[str, Callable] = {
     "naive": naive_linear_attention,
@@ -126,18 +126,6 @@ def _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens) -> Tuple[
     from supra.ops.linear_attention.triton_chunk import chunk_fwd
 
     return chunk_fwd(q, k, v, slopes, scale, initial_state, cu_seqlens)
-
-
-def repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Repeats grouped keys and values [B, T, H_kv, D] to the H query heads (head h reads h // (H / H_kv)).
-
-    The PyTorch implementations take one key/value head per query head; autograd sums the
-    repeated heads' gradients back.
-    """
-    repeats = num_heads // k.shape[2]
-    if repeats == 1:
-        return k, v
-    return k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
 
 
 def _check_inputs(

@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from supra.ops.linear_attention.naive import compute_dtype
+from supra.ops.linear_attention.naive import compute_dtype, repeat_kv
 
 
 def recurrent_linear_attention(
@@ -70,12 +70,9 @@ def recurrent_step_(
     out_dtype, acc = q.dtype, state.dtype
     B, _, H, K = q.shape
     V = v.shape[-1]
-    groups = H // k.shape[2]
-    k, v = k[:, 0].to(acc), v[:, 0].to(acc)
-    if groups > 1:
-        # One token's keys and values are a few hundred numbers: repeating them costs less than
-        # a grouped product would.
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    # One token's keys and values are a few hundred numbers: repeating them costs less than a
+    # grouped product would.
+    k, v = (x[:, 0].to(acc) for x in repeat_kv(k, v, H))
     state.mul_(gamma.to(acc).view(1, H, 1, 1))
     # 3-D batched products over (sequence, head): the fastest form for one token on the CPU.
     flat = state.view(B * H, K, V)

@@ -53,3 +53,15 @@ def naive_linear_attention(
         o = o + torch.einsum("bthk,ht,bhkv->bthv", q, from_start, h0)
         state = state + torch.exp(-slopes * T)[None, :, None, None] * h0
     return o.to(out_dtype), state
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Repeats grouped keys and values [B, T, H_kv, D] to the H query heads (head h reads h // (H / H_kv)).
+
+    The PyTorch implementations take one key/value head per query head; autograd sums the
+    repeated heads' gradients back.
+    """
+    repeats = num_heads // k.shape[2]
+    if repeats == 1:
+        return k, v
+    return k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
