@@ -66,3 +66,10 @@ def test_clear_errors(tmp_path, checkpoint):
         RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'missing'}", f"output_dir={tmp_path}"))
     with pytest.raises(ValueError, match="unknown config key 'taks'"):
         _config("taks=[local_copa]")
+
+
+def test_command_line_reads_config_and_overrides():
+    cfg = RECIPE["parse_args"](["--config", "tiny/eval", "limit=5", "tasks=[local_copa]"])
+    assert cfg.limit == 5 and list(cfg.tasks) == ["local_copa"] and cfg.checkpoint == "outputs/tiny_uptrain"
+    with pytest.raises(ValueError, match="unknown config key 'taks'"):
+        RECIPE["parse_args"](["--config", "tiny/eval", "taks=[x]"])
