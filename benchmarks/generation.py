@@ -6,8 +6,9 @@ the SUPRA model is a deep copy of it linearized by ``supra.convert.linearize`` (
 the new feature maps). Three ways to generate are compared:
 
 (a) supra: ``supra.generation.generate``: one chunked prefill, then one recurrent step per token,
-    eager and compiled (``torch.compile(model, fullgraph=True, dynamic=False)``, what
-    ``generate(..., compile=True)`` runs on CPU; the benchmark compiles through ``generate``);
+    eager and compiled (the step ``generate(..., compile=True)`` compiles and calls: fullgraph,
+    static shapes, guard checks skipped after the first step; the benchmark compiles it through
+    ``generate``);
 (b) torchtune: KV caches of ``context + steps`` tokens, filled directly with random keys and
     values (``cache_pos`` advanced by ``context``), then one-token steps with ``input_pos`` and a
     ``[1, 1, cache_len]`` mask as ``torchtune.generation.generate`` passes them;
@@ -74,6 +75,7 @@ from torchtune.modules.common_utils import delete_kv_caches
 
 from supra.convert import linearize
 from supra.generation import generate
+from supra.generation.generate import _decode_step, _skipping_guards
 from supra.modules import SupraDecoder
 from supra.ops import linear_attention
 
@@ -210,11 +212,17 @@ class TorchtuneStepper:
         return logits[:, -1].argmax(dim=-1)
 
 
-def supra_stepper(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What generate's decode loop runs per token (greedy): one recurrent step from the cache."""
+def supra_stepper(model, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What generate's decode loop runs per token (greedy): one recurrent step from the cache; a
+    compiled step skips its guard checks after its first call, as generate's loop does."""
+    calls = 0
 
     def step(token: torch.Tensor) -> torch.Tensor:
-        return model(token[:, None])[:, -1].argmax(dim=-1)
+        nonlocal calls
+        with _skipping_guards(compiled and calls > 0):
+            logits = model(token[:, None])
+        calls += 1
+        return logits[:, -1].argmax(dim=-1)
 
     return step
 
@@ -271,7 +279,7 @@ def decode_sweep(args, softmax, linear, compiled) -> Dict[int, Dict[str, object]
     tt_steppers = {c: TorchtuneStepper(softmax, c, c + blocks) for c in args.contexts}
     steppers = {"supra eager": supra_stepper(linear), "weight floor": floor_stepper(linear)}
     if compiled is not None:
-        steppers["supra compiled"] = supra_stepper(compiled)
+        steppers["supra compiled"] = supra_stepper(compiled, compiled=True)
     token = random_tokens(1, args.seed)[:, 0]
     for r in range(args.rounds):
         # Rotate both orders so that no context or method always follows another.
@@ -634,10 +642,8 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
         bound = med[first]["torchtune KV"] / med[first]["weight floor"]
         checks.append((f"supra compiled at {first}: {vs_first:.2f}x faster than torchtune >= 1.5x (bound: torchtune / "
                        f"weight floor = {bound:.2f}x)", vs_first >= 1.5))
-    for key, label in (("torchtune", "torchtune generate() (KV cache)"), ("torchtune_causal", "torchtune causal forward")):
-        if key in p:
-            checks.append((f"prefill {p['length']}: {p[key] / p['supra']:.2f}x faster than {label} >= 2x",
-                           p[key] / p["supra"] >= 2))
+    checks.append((f"prefill {p['length']}: {p['torchtune'] / p['supra']:.2f}x faster than torchtune's softmax prefill "
+                   "(generate() with KV caches) >= 2x", p["torchtune"] / p["supra"] >= 2))
     pre_loop = p["loop"] / p["supra"]
     checks.append((f"prefill {p['length']}: {pre_loop:.1f}x faster than the token loop >= 10x", pre_loop >= 10))
     kv_first, kv_last = (kv_cache_bytes(c, args.kv_heads) / 2**20 for c in (first, last))
@@ -645,6 +651,11 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
                    f"{kv_first:.1f} .. {kv_last:.1f} MiB", True))
     for text, ok in checks:
         emit(f"  [{'HOLDS' if ok else 'MISSED'}] {text}")
+    if "torchtune_causal" in p:
+        # Not the issue's baseline (torchtune's generate prefill is): a stricter comparison, kept in view.
+        emit(f"  Beyond the targets: prefill {p['length']} vs torchtune's cache-free causal forward (b'): "
+             f"{p['torchtune_causal'] / p['supra']:.2f}x faster (the projections and MLP, the same work in both, "
+             "are most of either)")
 
 
 def plot(path: str, args, decode, memory, sizes) -> None:
@@ -714,7 +725,7 @@ def main() -> None:
     if not args.no_compile:
         # Compiles the decode step (first step); the benchmark's compiled model reuses that compilation.
         gen_checks[f"compile=True, {len(prompt)}-token prompt"] = timed_generate(linear, prompt, args.generate_tokens, True)
-        compiled = torch.compile(linear, fullgraph=True, dynamic=False)
+        compiled = _decode_step(linear, compile=True)
     for name, check in gen_checks.items():
         emit(f"  {name}: prefill {check['prefill_s'] * 1e3:.0f} ms, decode {check['decode_ms']:.2f} ms/token, "
              f"first decode step {check['first_step_s']:.2f} s")

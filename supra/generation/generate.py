@@ -14,6 +14,10 @@ from supra.modules import is_linear_layer
 
 # model -> its compiled decode step (compiled once, reused by later calls).
 _COMPILED = weakref.WeakKeyDictionary()
+# A one-token step is a few hundred tiny operations: inductor runs elementwise kernels under this many
+# elements per thread on one CPU thread (waking a second one costs more than the work), and calls
+# its kernels from C++ rather than Python (a step's worth of Python calls is about a millisecond).
+_CPU_COMPILE_OPTIONS = {"cpp.min_chunk_size": 32768, "cpp_wrapper": True}
 
 Callback = Callable[[int, torch.Tensor], None]
 
@@ -107,7 +111,8 @@ def generate(
                     break
             if step + 1 < max_new_tokens:
                 decode_kwargs = hybrid.decode(step) if hybrid else {}
-                logits = step_fn(next_tokens[:, None], **decode_kwargs)[:, -1]
+                with _skipping_guards(compile and step > 0):
+                    logits = step_fn(next_tokens[:, None], **decode_kwargs)[:, -1]
     generated = torch.stack(outputs, dim=1).tolist()
     return [_cut_at_stop(row, set(stop.tolist())) for row in generated]
 
@@ -184,9 +189,20 @@ def _decode_step(model: nn.Module, compile: bool) -> Callable[..., torch.Tensor]
     if not compile:
         return model
     if model not in _COMPILED:
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-        _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
+        if next(model.parameters()).is_cuda:
+            _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:
+            _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False, options=_CPU_COMPILE_OPTIONS)
     return _COMPILED[model]
+
+
+def _skipping_guards(skip: bool) -> contextlib.AbstractContextManager:
+    """Skips the compiled step's guard checks (a large share of a small step's overhead) after the
+    first step of a generate call: the model, its caches and every input shape stay as that first
+    step checked them until the loop ends. Guards that choose between compiled variants still run."""
+    if not skip:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def _generators(seed, batch_size: int, device: torch.device) -> Optional[List[Optional[torch.Generator]]]:

@@ -196,9 +196,7 @@ class LinearAttention(nn.Module):
         q = q.view(B, T, self.num_heads, self.feature_dim)
 
         if self.pos_embeddings is not None:
-            positions = self._positions(B, T, mask, input_pos, caching, x.device)
-            cos, sin = self.pos_embeddings.cos_sin(positions)
-            q, k = self.pos_embeddings.rotate(q, cos, sin), self.pos_embeddings.rotate(k, cos, sin)
+            q, k = self._rotate(q, k, self.positions(B, T, x.device, mask, input_pos))
         if mask is not None:
             # A zero key adds nothing to the state; left pads meet an empty state, so they leave no trace.
             k = k * mask[:, :, None, None].to(k.dtype)
@@ -251,25 +249,35 @@ class LinearAttention(nn.Module):
             o = o[..., :-1] / (o[..., -1:] + self.denominator_eps)
         return self.output_proj(self.out_norm(o).flatten(2))
 
-    def _positions(
+    def positions(
         self,
         batch_size: int,
         seq_len: int,
-        mask: Optional[torch.Tensor],
-        input_pos: Optional[torch.Tensor],
-        caching: bool,
         device: torch.device,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """RoPE positions [B, T]: given, or real tokens counted from the cache's counters."""
+        """RoPE positions [B, T] of the next ``seq_len`` tokens: ``input_pos`` if given, else the
+        real tokens (``mask``, [B, T]) counted on from the cache's counters (from 0 without one)."""
         if input_pos is not None:
             return input_pos
         if mask is not None:
             positions = get_position_ids_from_padding_mask(mask)
         else:
             positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
-        if caching:
+        if self.kv_cache is not None and self.cache_enabled:
+            self.kv_cache.check_batch(batch_size)
             positions = positions + self.kv_cache.positions[:batch_size, None]
         return positions
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """RoPE on queries [B, T, H, d_k] and keys [B, T, H_k, d_k], with one set of angles."""
+        cos, sin = self.pos_embeddings.cos_sin(positions)
+        if q.shape[1] != 1:
+            return self.pos_embeddings.rotate(q, cos, sin), self.pos_embeddings.rotate(k, cos, sin)
+        # One token: a decode step is bound by per-op overhead, so rotate both as one tensor.
+        qk = self.pos_embeddings.rotate(torch.cat([q, k], dim=2), cos, sin)
+        return qk.split([q.shape[2], k.shape[2]], dim=2)
 
     def _check_padding_mask(self, mask: torch.Tensor, batch_size: int, seq_len: int, caching: bool) -> None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, seq_len):

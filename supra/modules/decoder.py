@@ -88,13 +88,17 @@ class SupraDecoder(TransformerDecoder):
             raise ValueError("cu_seqlens (packed documents) needs an all-linear model; softmax layers would need a block mask")
         if not all(linear):
             softmax_mask, softmax_pos = self._softmax_inputs(tokens, mask, input_pos, padding_mask)
+        linear_pos = input_pos
+        if input_pos is None and any(linear):
+            # Every SUPRA layer has consumed the same tokens: count their positions once, not per layer.
+            linear_pos = self.layers[linear.index(True)].attn.positions(*tokens.shape, tokens.device, padding_mask)
         h = self.tok_embeddings(tokens)
         hidden = []
         for i, (layer, is_linear) in enumerate(zip(self.layers, linear)):
             if i in self.output_hidden_states:
                 hidden.append(h)
             if is_linear:
-                h = layer(h, mask=padding_mask, input_pos=input_pos, cu_seqlens=cu_seqlens)
+                h = layer(h, mask=padding_mask, input_pos=linear_pos, cu_seqlens=cu_seqlens)
             else:
                 h = layer(h, mask=softmax_mask, input_pos=softmax_pos, encoder_input=encoder_input, encoder_mask=encoder_mask)
         if logits_to_keep < 0:

@@ -30,6 +30,9 @@ class RotaryEmbedding(nn.Module):
         ValueError: for an odd ``dim`` or an unknown ``style``.
     """
 
+    # (positions, their version, settings, (cos, sin)) of the last eager ``cos_sin`` call, any instance.
+    _last_cos_sin = None
+
     def __init__(
         self, dim: int, base: float = 10_000.0, style: str = "half", llama3_scaling: Optional[dict] = None
     ) -> None:
@@ -71,8 +74,22 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor):
         """The rotation of each position: (cos, sin), each [B, T, 1, D/2] (or [T, 1, D/2]) float32.
 
-        Computed once, they rotate queries and keys alike (``rotate``).
+        Computed once, they rotate queries and keys alike (``rotate``). In eager mode the last
+        result is kept: the layers of one forward pass hand every RoPE the same positions tensor.
         """
+        if torch.compiler.is_compiling() or positions.is_inference():
+            # Compiled graphs share the computation themselves; inference tensors have no version.
+            return self._cos_sin(positions)
+        settings = (self.dim, self.base, self.style, repr(self.llama3_scaling))
+        # One read of the memo (an immutable tuple): safe if another thread replaces it meanwhile.
+        memo = RotaryEmbedding._last_cos_sin
+        if memo is not None and memo[0] is positions and memo[1] == positions._version and memo[2] == settings:
+            return memo[3]
+        cos_sin = self._cos_sin(positions)
+        RotaryEmbedding._last_cos_sin = (positions, positions._version, settings, cos_sin)
+        return cos_sin
+
+    def _cos_sin(self, positions: torch.Tensor):
         angles = positions.float()[..., None] * self._inverse_frequencies(positions.device)
         return angles.cos()[..., None, :], angles.sin()[..., None, :]
 

@@ -308,6 +308,18 @@ def test_compiled_decode_gives_the_eager_greedy_tokens():
     graphs = counters["stats"]["unique_graphs"]
     assert generate(model, prompts, max_new_tokens=NEW, compile=True) == eager
     assert counters["stats"]["unique_graphs"] == graphs
+    # A new batch size must not reuse the old graph: the first step of each call checks the guards
+    # that later steps skip.
+    alone = generate(model, prompts[:1], max_new_tokens=NEW)
+    assert generate(model, prompts[:1], max_new_tokens=NEW, compile=True) == alone
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_a_hybrid_gives_the_eager_greedy_tokens():
+    # Softmax layers decode from torchtune's KV caches inside the same compiled step.
+    model = _hybrid()
+    prompts = _prompts(seed=12, lengths=[4, 9])
+    assert generate(model, prompts, max_new_tokens=NEW, compile=True) == generate(model, prompts, max_new_tokens=NEW)
 
 
 # --- bad input ----------------------------------------------------------------------------------

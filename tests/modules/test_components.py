@@ -102,6 +102,18 @@ def test_rope_per_sequence_positions(style):
         torch.testing.assert_close(out.double(), hf_rope_half(x, positions), rtol=0, atol=2e-6)
 
 
+def test_rope_angles_are_reused_only_for_the_same_unchanged_positions():
+    x = torch.randn(2, 3, 2, 8)
+    positions = torch.tensor([[0, 1, 2], [5, 6, 7]])
+    first, second = RotaryEmbedding(8), RotaryEmbedding(8)
+    # Layers of one forward pass share the positions tensor: the second RoPE reuses the angles.
+    assert second.cos_sin(positions)[0] is first.cos_sin(positions)[0]
+    # Other settings, or positions changed in place, get their own angles, and the right ones.
+    assert RotaryEmbedding(8, base=500.0).cos_sin(positions)[0] is not first.cos_sin(positions)[0]
+    positions.add_(10)
+    torch.testing.assert_close(second(x, positions).double(), hf_rope_half(x, positions), rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("style", ("half", "interleaved"))
 def test_rope_far_positions_are_finite_and_accurate(style):
     D = 16

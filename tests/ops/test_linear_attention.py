@@ -336,6 +336,24 @@ def test_in_place_decode_step_matches_reference(dtype, kv_heads):
     assert_close("state", state, ref_state, torch.float32)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_compiled_in_place_decode_step_matches_reference(kv_heads):
+    # Under torch.compile the step takes its elementwise form: it must agree with the reference too.
+    torch.manual_seed(10)
+    B, T, H, K, V = 2, 4, 4, 16, 8
+    q, _, _, h0 = make_inputs(B, T, H, K, V, torch.float32, initial_state=True, requires_grad=False)
+    k, v = (torch.randn(B, T, kv_heads, d) for d in (K, V))
+    slopes = alibi_slopes(H)
+    step = torch.compile(recurrent_step_, fullgraph=True, dynamic=False)
+    state = h0.clone()
+    outputs = [step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], torch.exp(-slopes), 0.3, state) for t in range(T)]
+    repeated = [x.repeat_interleave(H // kv_heads, dim=2) for x in (k, v)]
+    ref_o, ref_state = reference(q, *repeated, slopes, 0.3, h0)
+    assert_close("o", torch.cat(outputs, dim=1), ref_o, torch.float32)
+    assert_close("state", state, ref_state, torch.float32)
+
+
 def test_long_sequence_with_large_slopes_stays_finite():
     torch.manual_seed(9)
     B, T, H, K, V = 1, 4096, 4, 16, 16

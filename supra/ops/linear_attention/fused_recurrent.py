@@ -72,9 +72,18 @@ def recurrent_step_(
     V = v.shape[-1]
     # One token's keys and values are a few hundred numbers: repeating them costs less than a
     # grouped product would.
-    k, v = (x[:, 0].to(acc) for x in repeat_kv(k, v, H))
-    state.mul_(gamma.to(acc).view(1, H, 1, 1))
-    # 3-D batched products over (sequence, head): the fastest form for one token on the CPU.
-    flat = state.view(B * H, K, V)
-    flat.baddbmm_(k.reshape(B * H, K, 1), v.reshape(B * H, 1, V), alpha=scale)
-    return torch.bmm(q[:, 0].to(acc).reshape(B * H, 1, K), flat).view(B, 1, H, V).to(out_dtype)
+    k, v = repeat_kv(k.to(acc), v.to(acc), H)
+    q = q.to(acc)
+    decay = gamma.to(acc).view(1, H, 1, 1)
+    key_column, value_row = k[:, 0, :, :, None], v[:, 0, :, None, :]
+    if torch.compiler.is_compiling():
+        # Elementwise, the update and the read-out fuse into one pass over the state under
+        # inductor (a batched product would be an opaque call plus copies in and out).
+        new_state = state * decay + scale * key_column * value_row
+        state.copy_(new_state)
+        return (q[:, 0, :, :, None] * new_state).sum(dim=-2)[:, None].to(out_dtype)
+    # Eager: the rank-one update as one broadcast multiply-add in place, which allocates nothing of
+    # the state's size and stays on one thread (a batched product would wake a second one for a
+    # few microseconds of work).
+    state.mul_(decay).addcmul_(key_column, value_row, value=scale)
+    return torch.bmm(q.reshape(B * H, 1, K), state.view(B * H, K, V)).view(B, 1, H, V).to(out_dtype)
