@@ -72,7 +72,8 @@ class RotaryEmbedding(nn.Module):
         return self.rotate(x, *self.cos_sin(positions))
 
     def cos_sin(self, positions: torch.Tensor):
-        """The rotation of each position: (cos, sin), each [B, T, 1, D/2] (or [T, 1, D/2]) float32.
+        """The rotation of each position, laid out to match the features it multiplies: (cos, sin),
+        each [B, T, 1, D] (or [T, 1, D]) float32, with sin signed for ``rotate``'s partner features.
 
         Computed once, they rotate queries and keys alike (``rotate``). In eager mode the last
         result is kept: the layers of one forward pass hand every RoPE the same positions tensor.
@@ -91,18 +92,25 @@ class RotaryEmbedding(nn.Module):
 
     def _cos_sin(self, positions: torch.Tensor):
         angles = positions.float()[..., None] * self._inverse_frequencies(positions.device)
-        return angles.cos()[..., None, :], angles.sin()[..., None, :]
+        cos, sin = angles.cos(), angles.sin()
+        if self.style == "half":
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        else:
+            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        return cos[..., None, :], sin[..., None, :]
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates x [B, T, H, D] by ``cos_sin``'s angles, in float32; returns x's dtype."""
+        """Rotates x [B, T, H, D] by ``cos_sin``'s angles, in float32; returns x's dtype.
+
+        Each feature pairs with a partner (i with i + D/2 for ``"half"``, 2i with 2i + 1 for
+        ``"interleaved"``): ``x * cos + partner * signed sin``, three passes over x.
+        """
         x32 = x.float()
         if self.style == "half":
-            x1, x2 = x32[..., : self.dim // 2], x32[..., self.dim // 2 :]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            partner = torch.cat((x32[..., self.dim // 2 :], x32[..., : self.dim // 2]), dim=-1)
         else:
-            x1, x2 = x32[..., 0::2], x32[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return out.to(x.dtype)
+            partner = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return torch.addcmul(x32 * cos, partner, sin).to(x.dtype)
 
     def _inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         """``inverse_frequencies``, memoized per device in eager mode (a decode step would
