@@ -261,6 +261,59 @@ def test_cu_seqlens_matches_reference(dtype, with_h0):
     run_and_compare(public(slopes, cu_seqlens=cu_seqlens), q, k, v, slopes, h0, dtype, K**-0.5, cu_seqlens)
 
 
+# Ways a tensor's values reach the host; the cu_seqlens bookkeeping must use none of them.
+HOST_SYNCS = ("item", "tolist", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+@in_process
+def test_cu_seqlens_bookkeeping_does_not_sync(monkeypatch):
+    cu_seqlens = torch.tensor([0, 5, 5, 75, 76, 136], device=DEVICE)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("prepare_chunks read a tensor value on the host")
+
+    with monkeypatch.context() as patch:
+        for name in HOST_SYNCS:
+            patch.setattr(torch.Tensor, name, host_sync)
+        # On a GPU, syncs inside PyTorch's own ops raise too.
+        if ON_GPU:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            chunks = triton_chunk.prepare_chunks(cu_seqlens, 1, 136)
+        finally:
+            if ON_GPU:
+                torch.cuda.set_sync_debug_mode("default")
+    # 136 // 64 + 5 documents bound the 5 real chunks; the two rows past them are padding (-1).
+    assert chunks.num_seqs == 5 and chunks.num_rows == 7
+    assert chunks.chunk_offsets.tolist() == [0, 1, 1, 3, 4, 5]
+    assert chunks.chunk_indices.tolist() == [[0, 0], [2, 0], [2, 1], [3, 0], [4, 0], [-1, 0], [-1, 1]]
+
+
+@pytest.mark.parametrize("entry", ["op", "function"])
+@in_process
+def test_cu_seqlens_with_padding_rows_matches_reference(entry):
+    # Many short documents (empty and one-token ones among them) and one long one: 8 real chunks,
+    # 11 rows (106 // 64 + 10 documents): every chunk kernel also launches programs for 3 padding rows.
+    torch.manual_seed(21)
+    H, K, V = 2, 16, 16
+    lengths = [3, 0, 1, 2, 0, 5, 1, 90, 0, 4]
+    cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    chunks = triton_chunk.prepare_chunks(cu_seqlens, 1, sum(lengths))
+    assert chunks.num_rows == 11 and chunks.chunk_offsets[-1].item() == 8
+    q, k, v, h0 = make_inputs(1, sum(lengths), H, K, V, torch.float32, num_states=len(lengths))
+    slopes = alibi_slopes(H)
+    if entry == "op":
+        fn = public(slopes, cu_seqlens=cu_seqlens)
+    else:
+
+        def fn(q, k, v, h0):
+            return triton_chunk.triton_chunk_linear_attention(
+                q, k, v, slopes.to(DEVICE), K**-0.5, h0, cu_seqlens.to(DEVICE)
+            )
+
+    run_and_compare(fn, q, k, v, slopes, h0, torch.float32, K**-0.5, cu_seqlens)
+
+
 @in_process
 def test_cu_seqlens_short_input_uses_recurrent_kernel():
     torch.manual_seed(14)

@@ -18,11 +18,12 @@ Every exponent is ``-s * distance`` with ``distance >= 0``, masked before ``exp`
 overflow. Products accumulate in float32; with bf16 inputs the decayed operands and the stored
 per-chunk states are rounded to bf16 before the tensor-core products (as fla does), so states and
 their gradients are bf16-accurate. Packed documents (``cu_seqlens``) restart the chunking at every
-document start: each program finds its document and chunk through ``chunk_indices``.
+document start: each program finds its document and chunk through ``chunk_indices``, a table built
+on the device and sized by an upper bound on the chunk count (no host sync, see ``prepare_chunks``).
 """
 
 import itertools
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -123,12 +124,17 @@ def _chunk_fwd_h_kernel(
 
 @triton.jit
 def _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token of the sequence, its length, chunk index in it, chunk index in the state buffer)."""
+    """(first token of the sequence, its length, chunk index in it, chunk index in the state buffer).
+
+    A padding row of ``chunk_indices`` (sequence -1, past the real chunks) gives length 0: the
+    calling kernel returns at once.
+    """
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2)
         i_t = tl.load(chunk_indices + i_c * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+        m_n = i_n >= 0
+        bos = tl.load(cu_seqlens + i_n, mask=m_n, other=0).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + i_n + 1, mask=m_n, other=0) - bos).to(tl.int32)
         i_tg = i_c.to(tl.int64)
     else:
         i_t = i_c
@@ -149,6 +155,9 @@ def _chunk_fwd_o_kernel(
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        if seq_len == 0:
+            return
     s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
@@ -243,6 +252,9 @@ def _chunk_bwd_dv_kernel(
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        if seq_len == 0:
+            return
     s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
@@ -289,6 +301,9 @@ def _chunk_bwd_dqk_kernel(
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        if seq_len == 0:
+            return
     s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
@@ -372,26 +387,50 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+class Chunks(NamedTuple):
+    """Chunk bookkeeping shared by the kernels of one forward or one backward call.
+
+    Attributes:
+        num_seqs (int): number of sequences N: B, or the number of packed documents.
+        num_rows (int): rows of the per-chunk state buffers [num_rows, H, K, V] and of
+            ``chunk_indices``: every chunk densely; an upper bound with ``cu_seqlens``.
+        cu_seqlens (Optional[torch.Tensor]): int32 document boundaries [N + 1], or None.
+        chunk_offsets (Optional[torch.Tensor]): int32 [N + 1], each document's first row, or None.
+        chunk_indices (Optional[torch.Tensor]): int32 [num_rows, 2], (document, chunk within it) per
+            row; -1 as the document marks the padding rows past the real chunks. None when dense.
+    """
+
+    num_seqs: int
+    num_rows: int
+    cu_seqlens: Optional[torch.Tensor]
+    chunk_offsets: Optional[torch.Tensor]
+    chunk_indices: Optional[torch.Tensor]
+
+
 def prepare_chunks(
     cu_seqlens: Optional[torch.Tensor], batch_size: int, num_tokens: int, chunk_size: int = CHUNK_SIZE
-) -> Tuple[int, int, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Chunk bookkeeping shared by the kernels.
+) -> Chunks:
+    """Chunk bookkeeping for B sequences of ``num_tokens`` tokens, or for packed documents.
 
-    Returns:
-        Tuple: (number of sequences N, chunks in the state buffer, int32 cu_seqlens [N + 1] or None,
-        int32 chunk_offsets [N + 1] (first chunk of each sequence) or None, int32 chunk_indices
-        [chunks, 2] (sequence, chunk within it) or None).
+    With ``cu_seqlens`` [N + 1] everything is built on its device by tensor ops and sized from shapes
+    alone, never from values: no device-to-host sync, so the op can be captured in a CUDA graph.
     """
     if cu_seqlens is None:
-        return batch_size, batch_size * triton.cdiv(num_tokens, chunk_size), None, None, None
+        return Chunks(batch_size, batch_size * triton.cdiv(num_tokens, chunk_size), None, None, None)
     cu = cu_seqlens.to(torch.int32).contiguous()
-    num_chunks = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size
-    offsets = torch.cat([num_chunks.new_zeros(1), num_chunks.cumsum(0)]).to(torch.int32)
-    total = int(offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(num_chunks.numel(), device=cu.device), num_chunks, output_size=total)
-    within = torch.arange(total, device=cu.device) - offsets[seq]
-    indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
-    return num_chunks.numel(), total, cu, offsets, indices
+    num_seqs = cu.numel() - 1
+    # A document of L tokens has cdiv(L, C) <= L // C + 1 chunks, and the L // C sum to at most
+    # T // C: N documents have at most T // C + N chunks.
+    num_rows = num_tokens // chunk_size + num_seqs
+    counts = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
+    rows = torch.arange(num_rows, dtype=torch.int32, device=cu.device)
+    # Row r belongs to the last document starting at or before it (empty documents own no row);
+    # rows from the real chunk count offsets[-1] on are padding.
+    seq = torch.searchsorted(offsets, rows, right=True, out_int32=True) - 1
+    within = rows - offsets[seq]
+    seq = torch.where(rows < offsets[-1], seq, -1)
+    return Chunks(num_seqs, num_rows, cu, offsets, torch.stack([seq, within], dim=1))
 
 
 def chunk_fwd_h(
@@ -400,18 +439,19 @@ def chunk_fwd_h(
     slopes: torch.Tensor,
     scale: float,
     initial_state: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor],
+    chunks: Chunks,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """States before every chunk [chunks, H, K, V] and the final states [N, H, K, V] (float32),
-    one per query head (H = the number of slopes) from keys/values [B, T, H_kv, *]."""
+    """States before every chunk [chunks.num_rows, H, K, V] and the final states [N, H, K, V]
+    (float32), one per query head (H = the number of slopes) from keys/values [B, T, H_kv, *].
+    Padding rows (with ``cu_seqlens``) stay unwritten."""
     B, T, HKV, K = k.shape
     H = slopes.shape[0]
     V = v.shape[-1]
-    N, num_chunks, cu, offsets, _ = prepare_chunks(cu_seqlens, B, T)
-    h = _empty((num_chunks, H, K, V), _state_dtype(k.dtype), k.device)
+    N, cu = chunks.num_seqs, chunks.cu_seqlens
+    h = _empty((chunks.num_rows, H, K, V), _state_dtype(k.dtype), k.device)
     ht = _empty((N, H, K, V), torch.float32, k.device)
     _chunk_fwd_h_kernel[_state_grid(K, V, N * H)](
-        k, v, h, initial_state, ht, slopes, cu, offsets, scale, T,
+        k, v, h, initial_state, ht, slopes, cu, chunks.chunk_offsets, scale, T,
         H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE,
         USE_INITIAL_STATE=initial_state is not None, IS_VARLEN=cu is not None, **_launch_options(k.dtype),
     )
@@ -458,13 +498,14 @@ def chunk_fwd(
     B, T, H, K = q.shape
     HKV = k.shape[2]
     V = v.shape[-1]
-    h, ht = chunk_fwd_h(k, v, slopes, scale, initial_state, cu_seqlens)
-    _, num_chunks, cu, _, indices = prepare_chunks(cu_seqlens, B, T)
+    chunks = prepare_chunks(cu_seqlens, B, T)
+    h, ht = chunk_fwd_h(k, v, slopes, scale, initial_state, chunks)
+    cu = chunks.cu_seqlens
     o = _empty((B, T, H, V), q.dtype, q.device)
     BK, BV = _block(K, 64), _block(V, 64)
-    grid = (triton.cdiv(V, BV), num_chunks // B, B * H)
+    grid = (triton.cdiv(V, BV), chunks.num_rows // B, B * H)
     _chunk_fwd_o_kernel[grid](
-        q, k, v, h, o, slopes, cu, indices, scale, T,
+        q, k, v, h, o, slopes, cu, chunks.chunk_indices, scale, T,
         H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **_launch_options(q.dtype),
     )
     return o, ht
@@ -499,12 +540,13 @@ def chunk_bwd(
     B, T, H, K = q.shape
     HKV = k.shape[2]
     V = v.shape[-1]
-    h, _ = chunk_fwd_h(k, v, slopes, scale, initial_state, cu_seqlens)
-    N, num_chunks, cu, offsets, indices = prepare_chunks(cu_seqlens, B, T)
+    chunks = prepare_chunks(cu_seqlens, B, T)
+    h, _ = chunk_fwd_h(k, v, slopes, scale, initial_state, chunks)
+    N, num_rows, cu, offsets, indices = chunks
     options = _launch_options(q.dtype)
     BK, BV = _block(K, 64), _block(V, 64)
 
-    dh = _empty((num_chunks, H, K, V), _state_dtype(q.dtype), q.device)
+    dh = _empty((num_rows, H, K, V), _state_dtype(q.dtype), q.device)
     dh0 = _empty((N, H, K, V), torch.float32, q.device) if initial_state is not None else None
     _chunk_bwd_dh_kernel[_state_grid(K, V, N * H)](
         q, do, dh, dht, dh0, slopes, cu, offsets, T,
@@ -515,13 +557,13 @@ def chunk_bwd(
     # Under GQA every query head writes its own key/value gradient (float32, summed per group below).
     grad_dtype = (lambda dtype: dtype) if HKV == H else (lambda dtype: torch.float32)
     dv = _empty((B, T, H, V), grad_dtype(v.dtype), q.device)
-    _chunk_bwd_dv_kernel[(triton.cdiv(V, BV), num_chunks // B, B * H)](
+    _chunk_bwd_dv_kernel[(triton.cdiv(V, BV), num_rows // B, B * H)](
         q, k, do, dh, dv, slopes, cu, indices, scale, T,
         H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
     )
     dq = _empty((B, T, H, K), q.dtype, q.device)
     dk = _empty((B, T, H, K), grad_dtype(k.dtype), q.device)
-    _chunk_bwd_dqk_kernel[(triton.cdiv(K, BK), num_chunks // B, B * H)](
+    _chunk_bwd_dqk_kernel[(triton.cdiv(K, BK), num_rows // B, B * H)](
         q, k, v, do, h, dh, dq, dk, slopes, cu, indices, scale, T,
         H=H, HKV=HKV, K=K, V=V, BT=CHUNK_SIZE, BK=BK, BV=BV, IS_VARLEN=cu is not None, **options,
     )
