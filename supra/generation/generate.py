@@ -62,7 +62,9 @@ def generate(
         callback (Optional[Callable[[int, Tensor], None]]): called with (step, tokens [B]) as each
             step's tokens are chosen, for streaming. Finished requests show ``pad_id``.
         compile (bool): run the decode step through ``torch.compile`` (fullgraph, static shapes;
-            CUDA graphs via ``mode="reduce-overhead"`` on GPU). Compiled once per model.
+            CUDA graphs via ``mode="reduce-overhead"`` on GPU; single-threaded tiny kernels and a
+            C++ wrapper on CPU). Compiled once per model; steps after a call's first one skip
+            the guard checks.
 
     Returns:
         List[List[int]]: the new tokens of each request, up to and including its stop token.
