@@ -119,6 +119,8 @@ class UptrainRecipe:
         self.model = self._build_model()
         self._check_vocab(self.train_data)
         self.new_names = new_parameter_names(self.model)
+        # Counted before parallelize: its wrappers rename parameters.
+        self.new_param_count = sum(p.numel() for n, p in self.model.named_parameters() if n in set(self.new_names))
         frozen = [n for n, _ in self.model.named_parameters() if n not in set(self.new_names)]
         self.freeze = None
         if cfg.freeze_pretrained.enabled:
@@ -159,8 +161,8 @@ class UptrainRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.output_dir / "config.yaml")
             params = sum(p.numel() for p in self.model.parameters())
-            logger.info("model: %s parameters (%d new); %d process(es) on %s", f"{params:,}", len(self.new_names),
-                        self.world_size, self.device.type)
+            logger.info("model: %s parameters (%s in %d new tensors); %d process(es) on %s", f"{params:,}",
+                        f"{self.new_param_count:,}", len(self.new_names), self.world_size, self.device.type)
         if cfg.eval_before_training and self.step == 0:
             self._log_start_losses()
 
