@@ -1,12 +1,14 @@
 """Tests of ``supra.ops.linear_attention`` against an independent float64 recurrent loop.
 
-The oracle here (``reference``) is written from the math, one token at a time in float64, and
-shares no code with the library. Every implementation is compared with it in output, final
-state and the gradients of q, k, v and the initial state.
+The oracle (``reference`` in ``_reference.py``) is written from the math, one token at a time in
+float64, and shares no code with the library. Every implementation is compared with it in output,
+final state and the gradients of q, k, v and the initial state.
 """
 
+import functools
 import math
-from typing import List, Optional, Tuple
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,11 @@ import torch
 from supra.ops import linear_attention
 from supra.ops.linear_attention import IMPLEMENTATIONS
 from supra.ops.linear_attention.fused_recurrent import recurrent_step_
+
+# Test folders are not packages (--import-mode=importlib): the shared oracle is imported from here.
+sys.path.insert(0, str(Path(__file__).parent))
+import _reference  # noqa: E402
+from _reference import alibi_slopes, make_inputs, reference  # noqa: E402
 
 IMPLS = sorted(IMPLEMENTATIONS)
 
@@ -24,72 +31,7 @@ TOLERANCES = {
     torch.bfloat16: (5e-3, 1e-2),
     torch.float64: (1e-12, 1e-11),
 }
-
-
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``S_t = exp(-s) S_{t-1} + (scale k_t)^T v_t``, ``o_t = q_t S_t``, token by token in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    gamma = torch.exp(-slopes.double()).view(1, H, 1, 1)
-    if cu_seqlens is None:
-        segments = [(0, T, None if initial_state is None else initial_state.double())]
-    else:
-        bounds = cu_seqlens.tolist()
-        segments = [
-            (a, b, None if initial_state is None else initial_state[n : n + 1].double())
-            for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-        ]
-    outputs: List[torch.Tensor] = []
-    finals: List[torch.Tensor] = []
-    for start, end, h0 in segments:
-        state = torch.zeros(B, H, K, V, dtype=torch.float64) if h0 is None else h0
-        for t in range(start, end):
-            outer = (scale * k[:, t]).unsqueeze(-1) * v[:, t].unsqueeze(-2)
-            state = gamma * state + outer
-            outputs.append((q[:, t].unsqueeze(-1) * state).sum(dim=-2))
-        finals.append(state)
-    return torch.stack(outputs, dim=1), torch.cat(finals, dim=0)
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    return torch.tensor([2.0 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
-
-
-def make_inputs(B, T, H, K, V, dtype, initial_state=False, num_states=None, requires_grad=True):
-    q = torch.randn(B, T, H, K).to(dtype)
-    k = torch.randn(B, T, H, K).to(dtype)
-    v = torch.randn(B, T, H, V).to(dtype)
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    h0 = torch.randn(num_states or B, H, K, V, dtype=state_dtype) if initial_state else None
-    leaves = [q, k, v] + ([h0] if h0 is not None else [])
-    for x in leaves:
-        x.requires_grad_(requires_grad)
-    return q, k, v, h0
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    rms_tol, max_tol = TOLERANCES[dtype]
-    diff = actual - expected
-    ref_rms = expected.pow(2).mean().sqrt().clamp(min=1e-30)
-    ref_max = expected.abs().max().clamp(min=1e-30)
-    rms_err = (diff.pow(2).mean().sqrt() / ref_rms).item()
-    max_err = (diff.abs().max() / ref_max).item()
-    assert rms_err <= rms_tol and max_err <= max_tol, (
-        f"{name} ({dtype}): relative rms error {rms_err:.2e} (tol {rms_tol:.0e}), "
-        f"relative max error {max_err:.2e} (tol {max_tol:.0e})"
-    )
+assert_close = functools.partial(_reference.assert_close, tolerances=TOLERANCES)
 
 
 def check_against_reference(q, k, v, slopes, h0, dtype, impl, scale=None, cu_seqlens=None):
@@ -140,7 +82,7 @@ def test_reference_matches_hand_computation():
 def test_matches_reference(impl, dtype, T, with_h0):
     torch.manual_seed(T)
     B, H, K, V = 2, 3, 16, 8
-    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=with_h0)
+    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=with_h0, requires_grad=True)
     check_against_reference(q, k, v, alibi_slopes(H), h0, dtype, impl)
 
 
@@ -153,7 +95,9 @@ def test_cu_seqlens_matches_reference(impl, dtype, with_h0):
     # An empty document, a one-token one, and documents that cross chunk boundaries.
     lengths = [5, 0, 70, 1, 60]
     cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
-    q, k, v, h0 = make_inputs(1, sum(lengths), H, K, V, dtype, initial_state=with_h0, num_states=len(lengths))
+    q, k, v, h0 = make_inputs(
+        1, sum(lengths), H, K, V, dtype, initial_state=with_h0, num_states=len(lengths), requires_grad=True
+    )
     check_against_reference(q, k, v, alibi_slopes(H), h0, dtype, impl, cu_seqlens=cu_seqlens)
 
 
@@ -162,7 +106,7 @@ def test_cu_seqlens_equals_separate_calls(impl):
     torch.manual_seed(2)
     H, K, V = 3, 16, 8
     cu_seqlens = torch.tensor([0, 7, 7, 40])
-    q, k, v, h0 = make_inputs(1, 40, H, K, V, torch.float32, initial_state=True, num_states=3, requires_grad=False)
+    q, k, v, h0 = make_inputs(1, 40, H, K, V, torch.float32, initial_state=True, num_states=3)
     slopes = alibi_slopes(H)
     o, states = linear_attention(
         q, k, v, slopes, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, impl=impl
@@ -183,7 +127,7 @@ def test_cu_seqlens_equals_separate_calls(impl):
 def test_gradcheck_float64(impl):
     torch.manual_seed(3)
     slopes = torch.tensor([0.0, 0.3])
-    q, k, v, h0 = make_inputs(1, 5, 2, 3, 2, torch.float64, initial_state=True)
+    q, k, v, h0 = make_inputs(1, 5, 2, 3, 2, torch.float64, initial_state=True, requires_grad=True)
 
     def fn(q, k, v, h0):
         return linear_attention(q, k, v, slopes, initial_state=h0, output_final_state=True, impl=impl)
@@ -203,14 +147,14 @@ def test_gradcheck_float64(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float64_inputs_keep_float64(impl):
     torch.manual_seed(4)
-    q, k, v, h0 = make_inputs(2, 33, 3, 16, 8, torch.float64, initial_state=True)
+    q, k, v, h0 = make_inputs(2, 33, 3, 16, 8, torch.float64, initial_state=True, requires_grad=True)
     check_against_reference(q, k, v, alibi_slopes(3), h0, torch.float64, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS + [None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_output_and_state_dtypes(impl, dtype):
-    q, k, v, _ = make_inputs(1, 9, 2, 8, 4, dtype, requires_grad=False)
+    q, k, v, _ = make_inputs(1, 9, 2, 8, 4, dtype)
     o, state = linear_attention(q, k, v, torch.ones(2), output_final_state=True, impl=impl)
     assert o.dtype == dtype and o.shape == (1, 9, 2, 4)
     assert state.dtype == torch.float32 and state.shape == (1, 2, 8, 4)
@@ -222,7 +166,7 @@ def test_output_and_state_dtypes(impl, dtype):
 def test_default_scale_is_inverse_sqrt_key_dim(impl):
     torch.manual_seed(5)
     K = 16
-    q, k, v, _ = make_inputs(1, 20, 3, K, 8, torch.float32, requires_grad=False)
+    q, k, v, _ = make_inputs(1, 20, 3, K, 8, torch.float32)
     slopes = alibi_slopes(3)
     o_default, _ = linear_attention(q, k, v, slopes, impl=impl)
     o_explicit, _ = linear_attention(q, k, v, slopes, scale=K**-0.5, impl=impl)
@@ -235,7 +179,7 @@ def test_default_scale_is_inverse_sqrt_key_dim(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_slopes_is_plain_causal_linear_attention(impl):
     torch.manual_seed(6)
-    q, k, v, h0 = make_inputs(1, 100, 3, 16, 8, torch.float32, initial_state=True)
+    q, k, v, h0 = make_inputs(1, 100, 3, 16, 8, torch.float32, initial_state=True, requires_grad=True)
     slopes = torch.zeros(3)
     check_against_reference(q, k, v, slopes, h0, torch.float32, impl)
     # Without decay the output is the running sum of (q_t . k_j) v_j: a masked, unnormalized attention.
@@ -246,7 +190,7 @@ def test_zero_slopes_is_plain_causal_linear_attention(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_slopes_get_no_gradient(impl):
-    q, k, v, _ = make_inputs(1, 6, 2, 4, 4, torch.float32)
+    q, k, v, _ = make_inputs(1, 6, 2, 4, 4, torch.float32, requires_grad=True)
     slopes = torch.tensor([0.1, 0.5], requires_grad=True)
     o, _ = linear_attention(q, k, v, slopes, impl=impl)
     o.sum().backward()
@@ -274,7 +218,7 @@ def test_non_contiguous_inputs(impl):
 def test_prefill_then_step_by_step_decode_equals_one_pass(prefill_impl):
     torch.manual_seed(8)
     B, T, H, K, V, P = 2, 50, 3, 16, 8, 37
-    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32, requires_grad=False)
+    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32)
     slopes = alibi_slopes(H)
     o_full, s_full = linear_attention(q, k, v, slopes, output_final_state=True, impl="chunk")
     o_pre, state = linear_attention(q[:, :P], k[:, :P], v[:, :P], slopes, output_final_state=True, impl=prefill_impl)
@@ -319,7 +263,7 @@ def test_grouped_keys_and_values_match_repeated_ones(impl):
 def test_in_place_decode_step_matches_reference(dtype, kv_heads):
     torch.manual_seed(9)
     B, T, H, K, V = 2, 6, 6, 16, 8
-    q, _, _, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True, requires_grad=False)
+    q, _, _, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True)
     k, v = (torch.randn(B, T, kv_heads, d).to(dtype) for d in (K, V))
     slopes = alibi_slopes(H)
     state = h0.clone()
@@ -342,7 +286,7 @@ def test_compiled_in_place_decode_step_matches_reference(kv_heads):
     # Under torch.compile the step takes its elementwise form: it must agree with the reference too.
     torch.manual_seed(10)
     B, T, H, K, V = 2, 4, 4, 16, 8
-    q, _, _, h0 = make_inputs(B, T, H, K, V, torch.float32, initial_state=True, requires_grad=False)
+    q, _, _, h0 = make_inputs(B, T, H, K, V, torch.float32, initial_state=True)
     k, v = (torch.randn(B, T, kv_heads, d) for d in (K, V))
     slopes = alibi_slopes(H)
     step = torch.compile(recurrent_step_, fullgraph=True, dynamic=False)
@@ -359,7 +303,7 @@ def test_long_sequence_with_large_slopes_stays_finite():
     B, T, H, K, V = 1, 4096, 4, 16, 16
     # From no decay to decays whose exponents over T underflow far below float32's range.
     slopes = torch.tensor([0.0, 1e-3, 5.0, 80.0])
-    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32)
+    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32, requires_grad=True)
     o_chunk, s_chunk = linear_attention(q, k, v, slopes, output_final_state=True, impl="chunk")
     (o_chunk.sum() + s_chunk.sum()).backward()
     for name, x in [("o", o_chunk), ("state", s_chunk), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)]:
@@ -380,10 +324,10 @@ def test_opcheck(impl, packed):
     H, K, V = 2, 4, 3
     if packed:
         cu_seqlens = torch.tensor([0, 3, 3, 9])
-        q, k, v, h0 = make_inputs(1, 9, H, K, V, torch.float32, initial_state=True, num_states=3)
+        q, k, v, h0 = make_inputs(1, 9, H, K, V, torch.float32, initial_state=True, num_states=3, requires_grad=True)
     else:
         cu_seqlens = None
-        q, k, v, h0 = make_inputs(2, 9, H, K, V, torch.float32, initial_state=True)
+        q, k, v, h0 = make_inputs(2, 9, H, K, V, torch.float32, initial_state=True, requires_grad=True)
     args = (q, k, v, torch.tensor([0.2, 0.9]), K**-0.5, h0, cu_seqlens, impl)
     torch.library.opcheck(torch.ops.supra.linear_attention.default, args)
     no_state = (q, k, v, torch.tensor([0.2, 0.9]), K**-0.5, None, cu_seqlens, impl)
@@ -404,7 +348,7 @@ def test_torch_compile_fullgraph_matches_eager(packed):
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     B, N = (1, 3) if packed else (2, None)
-    inputs = make_inputs(B, 40, H, 8, 4, torch.float32, initial_state=True, num_states=N)
+    inputs = make_inputs(B, 40, H, 8, 4, torch.float32, initial_state=True, num_states=N, requires_grad=True)
     eager_inputs = [x.detach().clone().requires_grad_() for x in inputs]
     loss = compiled(*inputs)
     eager_loss = fn(*eager_inputs)
@@ -416,7 +360,7 @@ def test_torch_compile_fullgraph_matches_eager(packed):
 
 
 def _small(B=1, T=4, H=2, K=4, V=3):
-    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32, requires_grad=False)
+    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32)
     return q, k, v, torch.full((H,), 0.5)
 
 

@@ -12,20 +12,28 @@ process with ``TRITON_INTERPRET=1`` (its failures are printed there). To run the
 
 On a machine with CUDA the cases run in-process on the GPU. Every output and work buffer the
 kernels write is allocated NaN-filled, so memory a kernel fails to write shows up as NaN. The
-oracle is a float64 loop over tokens written here from the math.
+oracle is a float64 loop over tokens written from the math (``_reference.py``, shared with
+test_linear_attention.py).
 """
 
+import functools
 import importlib.util
 import os
 import re
 import subprocess
 import sys
-from typing import List, Optional, Tuple
+from pathlib import Path
 
 import pytest
 import torch
 
 from supra.ops import linear_attention
+
+# Test folders are not packages (--import-mode=importlib): the shared oracle is imported from here,
+# in this process and in the interpreter process, which runs this file by path.
+sys.path.insert(0, str(Path(__file__).parent))
+import _reference  # noqa: E402
+from _reference import alibi_slopes, make_inputs, reference  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available()
@@ -74,6 +82,7 @@ TOLERANCES = {
     torch.float16: (2e-3, 5e-3),
     torch.bfloat16: (1e-2, 3e-2),
 }
+assert_close = functools.partial(_reference.assert_close, tolerances=TOLERANCES)
 
 
 def _nan_empty(shape, dtype, device):
@@ -85,63 +94,6 @@ def _poisoned_outputs(monkeypatch):
     if skip_reason is None:
         monkeypatch.setattr(triton_chunk, "_empty", _nan_empty)
         monkeypatch.setattr(triton_recurrent, "_empty", _nan_empty)
-
-
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``S_t = exp(-s) S_{t-1} + (scale k_t)^T v_t``, ``o_t = q_t S_t``, one token at a time in float64.
-
-    Grouped keys and values [B, T, H_kv, D] are first repeated to the H query heads in memory
-    (head h reads h // (H / H_kv)), what the kernels must do by index."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    k, v = (x.repeat_interleave(H // x.shape[2], dim=2) for x in (k, v))
-    gamma = torch.exp(-slopes.double().cpu()).view(1, H, 1, 1)
-    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-    outputs: List[torch.Tensor] = []
-    finals: List[torch.Tensor] = []
-    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if initial_state is None:
-            state = torch.zeros(B, H, K, V, dtype=torch.float64)
-        else:
-            state = initial_state.double() if cu_seqlens is None else initial_state[n : n + 1].double()
-        for t in range(start, end):
-            state = gamma * state + (scale * k[:, t].double()).unsqueeze(-1) * v[:, t].double().unsqueeze(-2)
-            outputs.append((q[:, t].double().unsqueeze(-1) * state).sum(dim=-2))
-        finals.append(state)
-    return torch.stack(outputs, dim=1), torch.cat(finals, dim=0)
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    return torch.tensor([2.0 ** (-8 * (i + 1) / num_heads) for i in range(num_heads)])
-
-
-def make_inputs(B, T, H, K, V, dtype, num_states=None, initial_state=True, kv_heads=None):
-    q = torch.randn(B, T, H, K).to(dtype)
-    k, v = (torch.randn(B, T, kv_heads or H, d).to(dtype) for d in (K, V))
-    h0 = torch.randn(num_states or B, H, K, V) if initial_state else None
-    return q, k, v, h0
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values (memory left unwritten?)"
-    rms_tol, max_tol = TOLERANCES[dtype]
-    diff = actual - expected
-    rms_err = (diff.pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp(min=1e-30)).item()
-    max_err = (diff.abs().max() / expected.abs().max().clamp(min=1e-30)).item()
-    assert rms_err <= rms_tol and max_err <= max_tol, (
-        f"{name} ({dtype}): relative rms error {rms_err:.2e} (tol {rms_tol:.0e}), "
-        f"relative max error {max_err:.2e} (tol {max_tol:.0e})"
-    )
 
 
 def run_and_compare(fn, q, k, v, slopes, h0, dtype, scale, cu_seqlens=None):
@@ -199,7 +151,7 @@ def test_grouped_query_heads_read_by_index(dtype, T):
     # GQA 4/2: keys and values stay [B, T, 2, D]; dk and dv sum over each group's query heads.
     torch.manual_seed(40 + T)
     B, H, K, V = 2, 4, 16, 32
-    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, kv_heads=2)
+    q, k, v, h0 = make_inputs(B, T, H, K, V, dtype, initial_state=True, kv_heads=2)
     slopes = alibi_slopes(H)
     run_and_compare(public(slopes), q, k, v, slopes, h0, dtype, K**-0.5)
 
@@ -209,7 +161,7 @@ def test_grouped_query_heads_with_cu_seqlens():
     torch.manual_seed(44)
     lengths = [70, 1, 9]
     cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
-    q, k, v, h0 = make_inputs(1, sum(lengths), 6, 16, 16, torch.float32, num_states=3, kv_heads=2)
+    q, k, v, h0 = make_inputs(1, sum(lengths), 6, 16, 16, torch.float32, initial_state=True, num_states=3, kv_heads=2)
     slopes = alibi_slopes(6)
     run_and_compare(public(slopes, cu_seqlens=cu_seqlens), q, k, v, slopes, h0, torch.float32, 0.25, cu_seqlens)
 
@@ -220,7 +172,7 @@ def test_chunk_function_matches_reference(T):
     # The chunked kernels and their autograd Function directly, also for a single token.
     torch.manual_seed(100 + T)
     B, H, K, V = 1, 2, 16, 16
-    q, k, v, h0 = make_inputs(B, T, H, K, V, torch.float32)
+    q, k, v, h0 = make_inputs(B, T, H, K, V, torch.float32, initial_state=True)
     slopes = torch.tensor([0.05, 1.3])
 
     def fn(q, k, v, h0):
@@ -232,7 +184,7 @@ def test_chunk_function_matches_reference(T):
 @in_process
 def test_float16_and_explicit_scale():
     torch.manual_seed(12)
-    q, k, v, h0 = make_inputs(1, 70, 2, 16, 32, torch.float16)
+    q, k, v, h0 = make_inputs(1, 70, 2, 16, 32, torch.float16, initial_state=True)
     slopes = alibi_slopes(2)
     run_and_compare(public(slopes, scale=0.5), q, k, v, slopes, h0, torch.float16, 0.5)
 
@@ -242,7 +194,7 @@ def test_float16_and_explicit_scale():
 def test_head_dims_that_need_masking(K, V):
     # 20 and 12 fill part of one 16- or 32-wide tile; 80 and 72 span two 64-wide tiles.
     torch.manual_seed(K)
-    q, k, v, h0 = make_inputs(1, 70, 1, K, V, torch.float32)
+    q, k, v, h0 = make_inputs(1, 70, 1, K, V, torch.float32, initial_state=True)
     slopes = torch.tensor([0.2])
     run_and_compare(public(slopes), q, k, v, slopes, h0, torch.float32, K**-0.5)
 
@@ -300,7 +252,7 @@ def test_cu_seqlens_with_padding_rows_matches_reference(entry):
     cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
     chunks = triton_chunk.prepare_chunks(cu_seqlens, 1, sum(lengths))
     assert chunks.num_rows == 11 and chunks.chunk_offsets[-1].item() == 8
-    q, k, v, h0 = make_inputs(1, sum(lengths), H, K, V, torch.float32, num_states=len(lengths))
+    q, k, v, h0 = make_inputs(1, sum(lengths), H, K, V, torch.float32, initial_state=True, num_states=len(lengths))
     slopes = alibi_slopes(H)
     if entry == "op":
         fn = public(slopes, cu_seqlens=cu_seqlens)
@@ -319,7 +271,7 @@ def test_cu_seqlens_short_input_uses_recurrent_kernel():
     torch.manual_seed(14)
     H, K, V = 2, 16, 16
     cu_seqlens = torch.tensor([0, 3, 3, 5, 6])
-    q, k, v, h0 = make_inputs(1, 6, H, K, V, torch.float32, num_states=4)
+    q, k, v, h0 = make_inputs(1, 6, H, K, V, torch.float32, initial_state=True, num_states=4)
     slopes = alibi_slopes(H)
     run_and_compare(public(slopes, cu_seqlens=cu_seqlens), q, k, v, slopes, h0, torch.float32, K**-0.5, cu_seqlens)
 
@@ -342,7 +294,7 @@ def test_large_slopes_stay_finite():
     torch.manual_seed(15)
     # From no decay to decays whose exponents over a chunk underflow far below float32's range.
     slopes = torch.tensor([0.0, 1e-3, 5.0, 80.0])
-    q, k, v, h0 = make_inputs(1, 131, 4, 16, 16, torch.float32)
+    q, k, v, h0 = make_inputs(1, 131, 4, 16, 16, torch.float32, initial_state=True)
     run_and_compare(public(slopes), q, k, v, slopes, h0, torch.float32, 0.25)
 
 
@@ -350,7 +302,7 @@ def test_large_slopes_stay_finite():
 def test_in_place_decode_steps_equal_one_chunked_pass():
     torch.manual_seed(16)
     B, T, H, K, V, P = 2, 80, 2, 32, 16, 70
-    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32, initial_state=False)
+    q, k, v, _ = make_inputs(B, T, H, K, V, torch.float32)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     slopes = alibi_slopes(H).to(DEVICE)
     o_full, s_full = linear_attention(q, k, v, slopes, output_final_state=True, impl="triton")
@@ -371,7 +323,7 @@ def test_in_place_decode_steps_equal_one_chunked_pass():
 
 @in_process
 def test_in_place_decode_rejects_a_state_it_cannot_update():
-    q, k, v, _ = make_inputs(1, 1, 2, 16, 16, torch.float32, initial_state=False)
+    q, k, v, _ = make_inputs(1, 1, 2, 16, 16, torch.float32)
     slopes = alibi_slopes(2)
     bad = torch.zeros(1, 2, 16, 16, device=DEVICE).transpose(-1, -2)
     with pytest.raises(ValueError, match=r"state must be a contiguous float32 tensor of shape \[1, 2, 16, 16\]"):
@@ -385,10 +337,10 @@ def test_opcheck(packed):
     H, K, V = 2, 16, 16
     if packed:
         cu_seqlens = torch.tensor([0, 3, 3, 20], device=DEVICE)
-        q, k, v, h0 = make_inputs(1, 20, H, K, V, torch.float32, num_states=3)
+        q, k, v, h0 = make_inputs(1, 20, H, K, V, torch.float32, initial_state=True, num_states=3)
     else:
         cu_seqlens = None
-        q, k, v, h0 = make_inputs(2, 20, H, K, V, torch.float32)
+        q, k, v, h0 = make_inputs(2, 20, H, K, V, torch.float32, initial_state=True)
     q, k, v, h0 = (x.to(DEVICE).requires_grad_() for x in (q, k, v, h0))
     slopes = torch.tensor([0.2, 0.9], device=DEVICE)
     torch.library.opcheck(torch.ops.supra.linear_attention.default, (q, k, v, slopes, K**-0.5, h0, cu_seqlens, "triton"))
@@ -405,7 +357,7 @@ def test_torch_compile_fullgraph_matches_eager():
         return (o * o).sum() + state.sum()
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    inputs = [x.to(DEVICE).requires_grad_() for x in make_inputs(1, 20, 2, 16, 16, torch.float32)]
+    inputs = [x.to(DEVICE).requires_grad_() for x in make_inputs(1, 20, 2, 16, 16, torch.float32, initial_state=True)]
     eager_inputs = [x.detach().clone().requires_grad_() for x in inputs]
     loss = compiled(*inputs)
     eager_loss = fn(*eager_inputs)
@@ -420,7 +372,7 @@ def test_torch_compile_fullgraph_matches_eager():
 @in_process
 def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    q, k, v, _ = make_inputs(1, 4, 2, 16, 16, torch.float32, initial_state=False)
+    q, k, v, _ = make_inputs(1, 4, 2, 16, 16, torch.float32)
     with pytest.raises(ValueError, match=r"Triton needs CUDA tensors, or TRITON_INTERPRET=1"):
         linear_attention(q, k, v, alibi_slopes(2), impl="triton")
     # The CPU default stays on the PyTorch paths.
@@ -431,7 +383,7 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 
 @in_process
 def test_float64_inputs_raise():
-    q, k, v, _ = make_inputs(1, 4, 2, 16, 16, torch.float64, initial_state=False)
+    q, k, v, _ = make_inputs(1, 4, 2, 16, 16, torch.float64)
     with pytest.raises(ValueError, match=r"impl='triton' takes float32, bfloat16 or float16 inputs; got torch.float64"):
         linear_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), alibi_slopes(2).to(DEVICE), impl="triton")
 

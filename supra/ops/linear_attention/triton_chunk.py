@@ -74,6 +74,88 @@ _STATE_KEY = ["H", "K", "V", "BT", "IS_VARLEN", "PRECISION"]
 _CHUNK_KEY = ["H", "K", "V", "BT", "BK", "BV", "IS_VARLEN", "PRECISION"]
 
 
+@triton.jit
+def _sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence ``i_n``: packed document ``i_n``, or row ``i_n`` of a [B, T] batch."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+        seq_len = T
+    return bos, seq_len
+
+
+@triton.jit
+def _state_pass_position(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token, length, row of its first chunk in the per-chunk state buffers) of sequence ``i_n``."""
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, seq_len, boh
+
+
+@triton.jit
+def _chunk_position(
+    cu_seqlens, chunk_indices, i_c, i_bh, T,
+    H: tl.constexpr, HKV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Where the program of chunk ``i_c`` and batch-head ``i_bh`` of a chunk kernel works.
+
+    Returns:
+        i_h: the query head.
+        row: the chunk's first token as a row of the queries and outputs [B * T * H, D].
+        row_kv: the same as a row of the keys and values [B * T * HKV, D] (grouped-query attention
+            reads the query head's key/value head by index).
+        i_tg: the chunk's row in the per-chunk state buffers [rows, H, K, V].
+        length: the chunk's token count, BT or fewer in a sequence's last chunk. A padding row of
+            ``chunk_indices`` (sequence -1, past the real chunks) gives length <= 0: the calling
+            kernel returns at once.
+    """
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1)
+        m_n = i_n >= 0
+        bos = tl.load(cu_seqlens + i_n, mask=m_n, other=0).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + i_n + 1, mask=m_n, other=0) - bos).to(tl.int32)
+        i_tg = i_c.to(tl.int64)
+    else:
+        i_t = i_c
+        bos = i_b.to(tl.int64) * T
+        seq_len = T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
+    start = bos + i_t * BT
+    length = tl.minimum(seq_len - i_t * BT, BT)
+    return i_h, start * H + i_h, start * HKV + i_h // (H // HKV), i_tg, length
+
+
+@triton.jit
+def _chunk_decays(slopes, i_h, o_t, length):
+    """Decay factors of head ``i_h`` over a chunk of ``length`` tokens, at token offsets ``o_t`` [BT].
+
+    Returns:
+        s: the head's slope, float32.
+        b_from_start [BT]: exp(-s (i + 1)), from the state before the chunk to token i.
+        b_to_end [BT]: exp(-s (length - 1 - i)), from token i to the chunk's last token; 0 past it.
+    """
+    s = tl.load(slopes + i_h).to(tl.float32)
+    m_t = o_t < length
+    b_from_start = tl.exp(-s * (o_t + 1))
+    b_to_end = tl.where(m_t, tl.exp(-s * tl.where(m_t, length - 1 - o_t, 0)), 0)
+    return s, b_from_start, b_to_end
+
+
+@triton.jit
+def _decay_scores(b_A, distance, s, scale):
+    """Causal, decayed [BT, BT] intra-chunk scores: ``b_A exp(-s distance) scale`` where ``distance``
+    (query offset minus key offset) is >= 0, and 0 elsewhere."""
+    m_A = distance >= 0
+    return tl.where(m_A, b_A * tl.exp(-s * tl.where(m_A, distance, 0)) * scale, 0)
+
+
 @triton.autotune(configs=_configs(_STATE_TILES), key=_STATE_KEY, prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit(do_not_specialize=["T"])
 def _chunk_fwd_h_kernel(
@@ -87,14 +169,7 @@ def _chunk_fwd_h_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     # Grouped-query attention: this query head's state reads its key/value head by index.
     i_hkv = i_h // (H // HKV)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, seq_len, boh = _state_pass_position(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     s = tl.load(slopes + i_h).to(tl.float32)
     # Log-decay from each token to the end of a full chunk, <= 0.
     b_g = -s * (BT - 1 - tl.arange(0, BT))
@@ -122,28 +197,6 @@ def _chunk_fwd_h_kernel(
     tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
 
 
-@triton.jit
-def _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token of the sequence, its length, chunk index in it, chunk index in the state buffer).
-
-    A padding row of ``chunk_indices`` (sequence -1, past the real chunks) gives length 0: the
-    calling kernel returns at once.
-    """
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_c * 2)
-        i_t = tl.load(chunk_indices + i_c * 2 + 1)
-        m_n = i_n >= 0
-        bos = tl.load(cu_seqlens + i_n, mask=m_n, other=0).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1, mask=m_n, other=0) - bos).to(tl.int32)
-        i_tg = i_c.to(tl.int64)
-    else:
-        i_t = i_c
-        bos = i_b.to(tl.int64) * T
-        seq_len = T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
-    return bos, seq_len, i_t, i_tg
-
-
 @triton.autotune(configs=_configs(), key=_CHUNK_KEY)
 @triton.jit(do_not_specialize=["T"])
 def _chunk_fwd_o_kernel(
@@ -153,19 +206,15 @@ def _chunk_fwd_o_kernel(
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    i_h, row, row_kv, i_tg, length = _chunk_position(cu_seqlens, chunk_indices, i_c, i_bh, T, H, HKV, BT, IS_VARLEN)
     if IS_VARLEN:
-        if seq_len == 0:
+        if length <= 0:
             return
-    s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_t = i_t * BT + o_t < seq_len
+    m_t = o_t < length
     m_v = o_v < V
-    row = (bos + i_t * BT) * H + i_h
-    row_kv = (bos + i_t * BT) * HKV + i_h // (H // HKV)
     p_q = q + row * K
     p_k = k + row_kv * K
     p_v = v + row_kv * V
@@ -183,10 +232,9 @@ def _chunk_fwd_o_kernel(
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
         b_o = _dot(b_q.to(b_h.dtype), b_h, b_o, PRECISION, UPCAST)
         b_A = _dot(b_q, b_kT, b_A, PRECISION, UPCAST)
-    b_o = b_o * tl.exp(-s * (o_t + 1))[:, None]
-    distance = o_t[:, None] - o_t[None, :]
-    m_A = distance >= 0
-    b_A = tl.where(m_A, b_A * tl.exp(-s * tl.where(m_A, distance, 0)) * scale, 0)
+    s, b_from_start, _ = _chunk_decays(slopes, i_h, o_t, length)
+    b_o = b_o * b_from_start[:, None]
+    b_A = _decay_scores(b_A, o_t[:, None] - o_t[None, :], s, scale)
     b_v = tl.load(p_v + o_t[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
     b_o = _dot(b_A.to(b_v.dtype), b_v, b_o, PRECISION, UPCAST)
     tl.store(p_o + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -203,15 +251,7 @@ def _chunk_bwd_dh_kernel(
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    s = tl.load(slopes + i_h).to(tl.float32)
+    bos, seq_len, boh = _state_pass_position(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -220,7 +260,8 @@ def _chunk_bwd_dh_kernel(
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_kv = o_k[:, None] * V + o_v[None, :]
-    b_from_start = tl.exp(-s * (o_t + 1))
+    # The decay from a chunk's start to its tokens does not depend on the chunk's length.
+    s, b_from_start, _ = _chunk_decays(slopes, i_h, o_t, BT)
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
@@ -250,20 +291,17 @@ def _chunk_bwd_dv_kernel(
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    i_h, row, row_kv, i_tg, length = _chunk_position(cu_seqlens, chunk_indices, i_c, i_bh, T, H, HKV, BT, IS_VARLEN)
     if IS_VARLEN:
-        if seq_len == 0:
+        if length <= 0:
             return
-    s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_t = i_t * BT + o_t < seq_len
+    m_t = o_t < length
     m_v = o_v < V
-    row = (bos + i_t * BT) * H + i_h
     p_q = q + row * K
-    p_k = k + ((bos + i_t * BT) * HKV + i_h // (H // HKV)) * K
+    p_k = k + row_kv * K
     p_dh = dh + (i_tg * H + i_h) * K * V
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
@@ -278,12 +316,9 @@ def _chunk_bwd_dv_kernel(
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
         b_dv = _dot(b_k.to(b_dh.dtype), b_dh, b_dv, PRECISION, UPCAST)
         b_At = _dot(b_k, b_qT, b_At, PRECISION, UPCAST)
-    length = tl.minimum(seq_len - i_t * BT, BT)
-    b_to_end = tl.where(m_t, tl.exp(-s * tl.where(m_t, length - 1 - o_t, 0)), 0) * scale
-    b_dv = b_dv * b_to_end[:, None]
-    distance = o_t[None, :] - o_t[:, None]
-    m_A = distance >= 0
-    b_At = tl.where(m_A, b_At * tl.exp(-s * tl.where(m_A, distance, 0)) * scale, 0)
+    s, _, b_to_end = _chunk_decays(slopes, i_h, o_t, length)
+    b_dv = b_dv * (b_to_end * scale)[:, None]
+    b_At = _decay_scores(b_At, o_t[None, :] - o_t[:, None], s, scale)
     p_tv = o_t[:, None] * (H * V) + o_v[None, :]
     b_do = tl.load(do + row * V + p_tv, mask=m_t[:, None] & m_v[None, :], other=0)
     b_dv = _dot(b_At.to(b_do.dtype), b_do, b_dv, PRECISION, UPCAST)
@@ -299,19 +334,15 @@ def _chunk_bwd_dqk_kernel(
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, seq_len, i_t, i_tg = _chunk_position(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    i_h, row, row_kv, i_tg, length = _chunk_position(cu_seqlens, chunk_indices, i_c, i_bh, T, H, HKV, BT, IS_VARLEN)
     if IS_VARLEN:
-        if seq_len == 0:
+        if length <= 0:
             return
-    s = tl.load(slopes + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
-    m_t = i_t * BT + o_t < seq_len
+    m_t = o_t < length
     m_k = o_k < K
-    row = (bos + i_t * BT) * H + i_h
-    row_kv = (bos + i_t * BT) * HKV + i_h // (H // HKV)
     p_v = v + row_kv * V
     p_do = do + row * V
     p_h = h + (i_tg * H + i_h) * K * V
@@ -334,13 +365,10 @@ def _chunk_bwd_dqk_kernel(
         b_dA = _dot(b_do, tl.trans(b_v), b_dA, PRECISION, UPCAST)
         b_dq = _dot(b_do.to(b_hT.dtype), b_hT, b_dq, PRECISION, UPCAST)
         b_dk = _dot(b_v.to(b_dhT.dtype), b_dhT, b_dk, PRECISION, UPCAST)
-    length = tl.minimum(seq_len - i_t * BT, BT)
-    b_dq = b_dq * tl.exp(-s * (o_t + 1))[:, None]
-    b_to_end = tl.where(m_t, tl.exp(-s * tl.where(m_t, length - 1 - o_t, 0)), 0) * scale
-    b_dk = b_dk * b_to_end[:, None]
-    distance = o_t[:, None] - o_t[None, :]
-    m_A = distance >= 0
-    b_dA = tl.where(m_A, b_dA * tl.exp(-s * tl.where(m_A, distance, 0)) * scale, 0)
+    s, b_from_start, b_to_end = _chunk_decays(slopes, i_h, o_t, length)
+    b_dq = b_dq * b_from_start[:, None]
+    b_dk = b_dk * (b_to_end * scale)[:, None]
+    b_dA = _decay_scores(b_dA, o_t[:, None] - o_t[None, :], s, scale)
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = o_t[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + row * K + p_tk, mask=m_tk, other=0)

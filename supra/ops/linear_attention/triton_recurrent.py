@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from supra.ops.linear_attention.triton_chunk import prepare_inputs
+from supra.ops.linear_attention.triton_chunk import _sequence_bounds, prepare_inputs
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -24,12 +24,7 @@ def _fused_recurrent_fwd_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
+    bos, seq_len = _sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     gamma = tl.exp(-tl.load(slopes + i_h).to(tl.float32))
 
     o_k = tl.arange(0, BK)
