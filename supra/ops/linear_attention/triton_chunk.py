@@ -79,7 +79,7 @@ def _sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     """(first token, length) of sequence ``i_n``: packed document ``i_n``, or row ``i_n`` of a [B, T] batch."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+        seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     else:
         bos = i_n.to(tl.int64) * T
         seq_len = T
@@ -118,14 +118,13 @@ def _chunk_position(
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2)
         i_t = tl.load(chunk_indices + i_c * 2 + 1)
-        m_n = i_n >= 0
-        bos = tl.load(cu_seqlens + i_n, mask=m_n, other=0).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1, mask=m_n, other=0) - bos).to(tl.int32)
+        # A padding row reads document 0's bounds (never cu_seqlens[-1]) and gets length 0.
+        bos, seq_len = _sequence_bounds(cu_seqlens, tl.maximum(i_n, 0), T, IS_VARLEN)
+        seq_len = tl.where(i_n >= 0, seq_len, 0)
         i_tg = i_c.to(tl.int64)
     else:
         i_t = i_c
-        bos = i_b.to(tl.int64) * T
-        seq_len = T
+        bos, seq_len = _sequence_bounds(cu_seqlens, i_b, T, IS_VARLEN)
         i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_c
     start = bos + i_t * BT
     length = tl.minimum(seq_len - i_t * BT, BT)
