@@ -119,9 +119,10 @@ class UptrainRecipe:
         self.model = self._build_model()
         self._check_vocab(self.train_data)
         self.new_names = new_parameter_names(self.model)
+        new_names = set(self.new_names)
         # Counted before parallelize: its wrappers rename parameters.
-        self.new_param_count = sum(p.numel() for n, p in self.model.named_parameters() if n in set(self.new_names))
-        frozen = [n for n, _ in self.model.named_parameters() if n not in set(self.new_names)]
+        self.new_param_count = sum(p.numel() for n, p in self.model.named_parameters() if n in new_names)
+        frozen = [n for n, _ in self.model.named_parameters() if n not in new_names]
         self.freeze = None
         if cfg.freeze_pretrained.enabled:
             self.freeze = FreezeSchedule(self.model, frozen_names=frozen, unfreeze_at_step=cfg.freeze_pretrained.until_step)
