@@ -40,7 +40,8 @@ def cosine_with_warmup(
         optimizer (torch.optim.Optimizer): the optimizer; its groups' ``initial_lr`` (or ``lr``)
             are the peak learning rates.
         warmup_steps (int): warmup length, >= 0.
-        max_steps (int): step at which the floor is reached, > ``warmup_steps``.
+        max_steps (int): step at which the floor is reached. A run shorter than its warmup
+            (``max_steps <= warmup_steps``, a smoke test) stays on the warmup ramp throughout.
         min_lr_ratio (Optional[float]): floor as a fraction of each group's lr, in [0, 1].
         min_lr (Optional[float]): floor as an absolute lr, for the group with the largest lr.
             Give at most one of ``min_lr_ratio`` and ``min_lr``; neither means a floor of 0.
@@ -49,16 +50,11 @@ def cosine_with_warmup(
         LambdaLR: the scheduler (it has already set the lrs of step 0).
 
     Raises:
-        ValueError: if ``warmup_steps`` < 0, ``max_steps`` <= ``warmup_steps``, both floors are
-            given, or the floor ratio is outside [0, 1].
+        ValueError: if ``warmup_steps`` < 0, both floors are given, or the floor ratio is outside
+            [0, 1].
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
-    if max_steps <= warmup_steps:
-        raise ValueError(
-            f"max_steps ({max_steps}) must be greater than warmup_steps ({warmup_steps}): the "
-            "schedule would reach max_steps before warmup ends; shorten the warmup or train longer"
-        )
     if min_lr_ratio is not None and min_lr is not None:
         raise ValueError(
             f"give either min_lr_ratio ({min_lr_ratio}) or min_lr ({min_lr}), not both"
@@ -81,7 +77,8 @@ def cosine_with_warmup(
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        decay_steps = max_steps - warmup_steps
+        progress = min(1.0, (step - warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
         return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)

@@ -60,12 +60,22 @@ def _setup(config):
     return recipe
 
 
+def test_run_shorter_than_warmup_trains_on_the_ramp_with_one_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="supra.uptrain"):
+        recipe = _setup(_config(tmp_path, "max_steps=3", "scheduler.warmup_steps=10", "save_every_n_steps=3"))
+        recipe.train()
+    warnings = [r.getMessage() for r in caplog.records if "never leaves warmup" in r.getMessage()]
+    assert len(warnings) == 1
+    assert len(_losses(tmp_path)) == 3
+    # Each step's lr is (step + 1) / (warmup + 1) of the peak: the ramp, never the decay.
+    assert recipe.optimizer.param_groups[0]["lr"] == pytest.approx(recipe.cfg.optimizer.lr * 4 / 11, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["model.builder=null", "model.checkpoint=/no/such/checkpoint"], "model.checkpoint /no/such/checkpoint does not exist"),
         (["data.type=shards", "data.path=/no/such/shards"], "data.path /no/such/shards does not exist"),
-        (["max_steps=4", "scheduler.warmup_steps=4"], "max_steps \\(4\\) is reached before warmup ends"),
         (["batch_size=0"], "batch_size must be >= 1"),
         (["data.type=parquet"], "data.type 'parquet' is unknown"),
         (["model.builder=build_norm"], "is not a supra.models model builder"),

@@ -228,6 +228,11 @@ def test_schedule_ratio_quarter_point_and_no_warmup():
     assert cosine_with_warmup(_two_group_optimizer(), warmup_steps=5, max_steps=10).lr_lambdas[0](10) == 0.0
 
 
+def test_run_shorter_than_warmup_stays_on_the_ramp():
+    factor = cosine_with_warmup(_two_group_optimizer(), warmup_steps=10, max_steps=4).lr_lambdas[0]
+    assert [factor(s) for s in range(4)] == pytest.approx([1 / 11, 2 / 11, 3 / 11, 4 / 11], rel=1e-12)
+
+
 def test_schedule_state_dict_resumes_step():
     opt = _two_group_optimizer()
     scheduler = cosine_with_warmup(opt, warmup_steps=10, max_steps=50)
@@ -246,7 +251,6 @@ def test_schedule_state_dict_resumes_step():
     "kwargs, match",
     [
         (dict(warmup_steps=-1, max_steps=10), "warmup_steps must be >= 0"),
-        (dict(warmup_steps=10, max_steps=10), "max_steps before warmup ends"),
         (dict(warmup_steps=0, max_steps=10, min_lr_ratio=1.5), r"min_lr_ratio must lie in \[0, 1\]"),
         (dict(warmup_steps=0, max_steps=10, min_lr=1e-3), "cannot exceed the peak"),
         (dict(warmup_steps=0, max_steps=10, min_lr=1e-6, min_lr_ratio=0.1), "not both"),
