@@ -25,6 +25,8 @@ from supra.hf.configuration import OpenLMConfig, SupraConfig
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # forward() keyword arguments handed to transformers' loss function (Trainer passes num_items_in_batch).
 _LOSS_ARGUMENTS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# generate() arguments that turn on speculative decoding (drafts verified, rejected ones rolled back).
+_SPECULATIVE_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
 class SupraForCausalLM(PreTrainedModel, GenerationMixin):
@@ -182,8 +184,16 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
         the transformers version (it renamed the argument in 5.2x).
 
         Raises:
-            ValueError: if both names are given.
+            ValueError: if both names are given, or for assisted / prompt-lookup decoding.
         """
+        # Speculative decoding rolls rejected draft tokens back; a recurrent state cannot be rolled
+        # back (transformers' own check of this moved between releases, so it is made here).
+        speculative = sorted(name for name in _SPECULATIVE_ARGUMENTS if kwargs.get(name) is not None)
+        if speculative:
+            raise ValueError(
+                f"{speculative}: assisted and prompt-lookup decoding need a cache that can drop rejected "
+                "draft tokens; a SUPRA model's recurrent state is stateful and cannot be rolled back"
+            )
         other = "past_key_values" if _CACHE_FIELD == "cache" else "cache"
         if other in kwargs:
             if _CACHE_FIELD in kwargs:
@@ -235,19 +245,22 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
                 ``dtype`` if it names one, else keeps the stored dtypes.
             device_map: one device (``"cuda"``, ``"cpu"``, an index) or ``"auto"`` (the GPU if any).
             subfolder (str): a folder inside the repository.
-            **kwargs: hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
-                ``force_download``) and config attributes to override.
+            **kwargs: hub and download options (``revision``, ``cache_dir``, ``token``,
+                ``local_files_only``, ``proxies``, ...: whatever transformers passes), config
+                attributes to override, and ``generation_config``. Unknown names are ignored with a
+                warning; options that would change the result if ignored are refused.
 
         Returns:
             SupraForCausalLM: the model, in eval mode, with the folder's generation_config.json if any.
 
         Raises:
-            ValueError: for a folder of another format, unsupported arguments, or what
+            ValueError: for a folder of another format, an option supra cannot honour
+                (quantization, adapters, another attention implementation, ...), or what
                 ``load_checkpoint`` rejects (each error names the culprit).
         """
         if model_args:
             raise ValueError(f"from_pretrained takes no positional model arguments; got {len(model_args)}")
-        hub = {key: kwargs.pop(key) for key in _loading.HUB_ARGUMENTS if key in kwargs}
+        hub = {key: kwargs.pop(key) for key in _loading.IGNORED_LOAD_ARGUMENTS if key in kwargs}
         folder = _loading.local_folder(pretrained_model_name_or_path, subfolder, **hub)
         fmt = detect_format(folder)
         if fmt != cls._checkpoint_format:
@@ -258,6 +271,7 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if config is None and (folder / "config.json").exists():
             config = cls.config_class.from_pretrained(folder)
+        generation_config = kwargs.pop("generation_config", None)
         overrides = _loading.config_overrides(config, kwargs)
         dtype = _loading.load_dtype(dtype, torch_dtype, config)
         decoder = load_checkpoint(folder, dtype=dtype, device=_loading.load_device(device_map))
@@ -267,7 +281,9 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
             setattr(config, name, value)
         model = cls(config, decoder=decoder)
         model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
-        if (folder / "generation_config.json").exists():
+        if generation_config is not None:
+            model.generation_config = generation_config
+        elif (folder / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
@@ -279,6 +295,7 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
         max_shard_size: Union[int, str] = "5GB",
         safe_serialization: bool = True,
         push_to_hub: bool = False,
+        variant: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         """Writes supra's own folder format (safetensors weights + ``supra_config.json``, see
@@ -296,16 +313,21 @@ class SupraForCausalLM(PreTrainedModel, GenerationMixin):
             max_shard_size: shard the weights above this size ("5GB", "500MB" or bytes).
             safe_serialization (bool): must be True (safetensors only).
             push_to_hub (bool): must be False (upload the folder with huggingface_hub).
+            variant (Optional[str]): must be None (a supra folder holds one set of weights).
+            **kwargs: other options transformers passes (``token``, ``save_peft_format``, ...):
+                ignored, with a warning naming them.
 
         Raises:
-            ValueError: for pickle serialization, push_to_hub or unknown arguments.
+            ValueError: for pickle serialization, push_to_hub or a weight variant.
         """
         if not safe_serialization:
             raise ValueError("supra folders are written with safetensors only: leave safe_serialization=True")
         if push_to_hub:
             raise ValueError("push_to_hub is not supported: save the folder, then huggingface_hub.upload_folder(...)")
+        if variant is not None:
+            raise ValueError(f"variant={variant!r}: supra folders hold one set of weights; save to another folder instead")
         if kwargs:
-            raise ValueError(f"save_pretrained got arguments it does not support: {sorted(kwargs)}")
+            _loading.logger.warning("save_pretrained: ignoring %s (supra writes its own format)", sorted(kwargs))
         if not is_main_process:
             return
         folder = Path(save_directory)

@@ -144,14 +144,71 @@ def test_from_pretrained_errors(openlm_folder, tmp_path):
     folder, _, _ = openlm_folder
     with pytest.raises(ValueError, match="is a 'openlm' checkpoint; SupraForCausalLM loads 'supra'"):
         SupraForCausalLM.from_pretrained(folder)
-    with pytest.raises(ValueError, match=r"does not support: \['colour'\]"):
-        AutoModelForCausalLM.from_pretrained(folder, colour="red")
+    with pytest.raises(ValueError, match=r"cannot honour \['quantization_config'\].*quantized loading"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config={"load_in_4bit": True})
+    with pytest.raises(ValueError, match=r"cannot honour \['attn_implementation'\].*'flash_attention_2'"):
+        OpenLMForCausalLM.from_pretrained(folder, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=r"cannot honour \['adapter_kwargs', 'variant'\]"):
+        AutoModelForCausalLM.from_pretrained(folder, variant="fp16", adapter_kwargs={"revision": "x"})
     with pytest.raises(ValueError, match="per-module dict is not supported"):
         AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"})
     with pytest.raises(ValueError, match="dtype must be 'auto', a torch floating dtype"):
         AutoModelForCausalLM.from_pretrained(folder, dtype="int8")
     with pytest.raises(ValueError, match="safetensors only"):
         AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "x", safe_serialization=False)
+
+
+# What transformers' own from_pretrained (auto class and model class) hands down: hub, download,
+# cache and memory options, several of them None or defaults.
+TRANSFORMERS_LOAD_OPTIONS = dict(
+    cache_dir=None, proxies=None, revision="main", token=None, local_files_only=True, force_download=False,
+    trust_remote_code=False, code_revision=None, _commit_hash=None, _from_auto=True, _from_pipeline=None,
+    use_safetensors=None, low_cpu_mem_usage=True, weights_only=True, max_memory=None, offload_folder=None,
+    quantization_config=None, attn_implementation=None, variant=None, adapter_kwargs={}, adapter_name="default",
+    gguf_file=None, key_mapping=None, tp_plan=None, state_dict=None, output_loading_info=False,
+)
+
+
+# What a user hands AutoModelForCausalLM (transformers resolves some and passes them on).
+HUB_OPTIONS = dict(cache_dir=None, proxies=None, revision="main", token=None, local_files_only=True,
+                   force_download=False, trust_remote_code=False)
+
+
+@torch.no_grad()
+def test_from_pretrained_takes_what_transformers_passes(openlm_folder, caplog):
+    folder, _, _ = openlm_folder
+    reference = OpenLMForCausalLM.from_pretrained(folder)
+    tokens = _tokens(1, 6)
+    with caplog.at_level("WARNING"):
+        auto = AutoModelForCausalLM.from_pretrained(folder, **HUB_OPTIONS)
+        direct = OpenLMForCausalLM.from_pretrained(folder, **TRANSFORMERS_LOAD_OPTIONS)
+    for model in (auto, direct):
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
+    assert not [r for r in caplog.records if "ignoring" in r.getMessage()]
+
+
+def test_from_pretrained_ignores_unknown_options_with_a_warning(openlm_folder, caplog):
+    folder, _, _ = openlm_folder
+    with caplog.at_level("WARNING"):
+        AutoModelForCausalLM.from_pretrained(folder, a_future_hub_option=1)
+    assert any("ignoring ['a_future_hub_option']" in r.getMessage() for r in caplog.records)
+
+
+def test_from_pretrained_uses_a_given_generation_config(openlm_folder):
+    from transformers import GenerationConfig
+
+    folder, _, _ = openlm_folder
+    model = AutoModelForCausalLM.from_pretrained(folder, generation_config=GenerationConfig(max_new_tokens=7))
+    assert model.generation_config.max_new_tokens == 7
+
+
+def test_save_pretrained_ignores_hub_options_and_refuses_variants(openlm_folder, tmp_path):
+    folder, _, _ = openlm_folder
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "saved", token=None, save_peft_format=True, save_original_format=True)
+    assert (tmp_path / "saved" / "config.json").exists()
+    with pytest.raises(ValueError, match="variant='fp16'"):
+        model.save_pretrained(tmp_path / "other", variant="fp16")
 
 
 def test_hub_repo_id_is_downloaded_with_huggingface_hub(openlm_folder, monkeypatch):
