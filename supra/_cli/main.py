@@ -1,7 +1,7 @@
 """``supra``: run recipes, list and copy their configs, convert checkpoints.
 
     supra ls                                     list recipes and shipped configs
-    supra cp CONFIG DST                          copy a shipped config to edit it
+    supra cp RECIPE|CONFIG DST                   copy a shipped recipe or config to edit it
     supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]
     supra convert SRC DST [--to supra|openlm] [--linearize] [--dtype bf16]
     supra tokenize INPUTS... --tokenizer T --out DIR
@@ -60,9 +60,19 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint {args.dst} ({params:,} parameters)")
 
 
-def copy_config(name: str, destination: str) -> None:
-    """Copies a shipped config so it can be edited and passed to ``--config``."""
-    source = find_config(name)
+def copy_file(name: str, destination: str) -> None:
+    """Copies a shipped recipe (by name, e.g. ``uptrain``) or config (e.g. ``tiny/uptrain``) to
+    edit: a copied recipe runs with ``supra run``'s arguments under ``python DST.py`` or
+    ``tune run DST.py`` (torchtune's launcher), as ``tune cp`` copies work.
+
+    Raises:
+        ValueError: naming the shipped recipes and the closest configs when neither exists.
+    """
+    recipes = list_recipes()
+    try:
+        source = recipes[name] if name in recipes else find_config(name)
+    except ValueError as error:
+        raise ValueError(f"{name!r} is not a shipped recipe ({', '.join(recipes)}), and {error}") from error
     target = Path(destination)
     if target.is_dir():
         target = target / source.name
@@ -93,8 +103,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     commands.add_parser("run", help="run a recipe: supra run RECIPE [torchrun options] [--config C] [k=v ...]")
     commands.add_parser("tokenize", help="tokenize text/jsonl/parquet into token shards (supra tokenize --help)")
     commands.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with model 'supra' (supra lm-eval --help)")
-    cp = commands.add_parser("cp", help="copy a shipped config")
-    cp.add_argument("config")
+    cp = commands.add_parser("cp", help="copy a shipped recipe or config to edit")
+    cp.add_argument("name", help="a recipe (uptrain) or config (tiny/uptrain): supra ls lists them")
     cp.add_argument("destination")
     conv = commands.add_parser("convert", help="convert a checkpoint", description=convert.__doc__)
     conv.add_argument("src", help="checkpoint folder (supra, hf, openlm) or open_lm .pt file")
@@ -113,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f"supra convert: {error}") from error
     elif parsed.command == "cp":
         try:
-            copy_config(parsed.config, parsed.destination)
+            copy_file(parsed.name, parsed.destination)
         except ValueError as error:
             raise SystemExit(f"supra cp: {error}") from error
     elif parsed.command == "ls":
