@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from supra.config import parse_recipe_args, to_dict
-from supra.loading import default_add_bos, load_model, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
+from supra.config import Rule, parse_recipe_args, to_dict
+from supra.loading import DTYPES, default_add_bos, load_model, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.eval.passkey import format_grid, passkey_grid, plot_grid
 from supra.eval.perplexity import (
     bucket_losses,
@@ -53,6 +53,29 @@ DEFAULTS = {
         "data": None, "seq_len": 16384, "max_windows": 8, "first_bucket": 64, "single_document": True, "text_key": "text",
     },
     "passkey": {"lengths": [], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "trials": 5, "digits": 5},
+    "verify_checksums": True,
+}
+# What the defaults' types do not say: ranges, choices, and the keys that may be null.
+RULES = {
+    "checkpoint": Rule(str, nullable=True),
+    "tokenizer": Rule(str, nullable=True),
+    "linearize": Rule(bool, nullable=True),
+    "dtype": Rule(choices=[*DTYPES, "auto"], nullable=True),
+    "batch_size": Rule(int, low=1),
+    "max_length": Rule(int, low=1, nullable=True),
+    "add_bos": Rule(bool, nullable=True),
+    "chunk_size": Rule(int, low=1),
+    "seed": Rule(int, low=0),
+    "limit": Rule(float, low=0, low_open=True, nullable=True),
+    "perplexity.data": Rule(str, nullable=True),
+    "perplexity.seq_len": Rule(int, low=1),
+    "perplexity.max_windows": Rule(int, low=1, nullable=True),
+    "position_perplexity.data": Rule(str, nullable=True),
+    "position_perplexity.seq_len": Rule(int, low=1),
+    "position_perplexity.max_windows": Rule(int, low=1, nullable=True),
+    "position_perplexity.first_bucket": Rule(int, low=1),
+    "passkey.trials": Rule(int, low=1),
+    "passkey.digits": Rule(int, low=1),
 }
 
 
@@ -137,7 +160,8 @@ def recipe_main(cfg: DictConfig) -> Dict[str, Any]:
         raise ValueError("nothing to evaluate: set tasks=[...], perplexity.data, position_perplexity.data or passkey.lengths")
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(cfg.tokenizer, checkpoint)
-    model = load_model(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device), linearize=cfg.linearize)
+    model = load_model(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device), linearize=cfg.linearize,
+                       verify_checksums=cfg.verify_checksums)
     add_bos = default_add_bos(tokenizer, cfg.add_bos)
     summary: Dict[str, Any] = {"checkpoint": str(checkpoint), "config": to_dict(cfg)}
     if cfg.tasks:
@@ -155,7 +179,7 @@ def recipe_main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    return parse_recipe_args(__doc__, DEFAULTS, 'tasks=[local_copa] limit=50', argv)
+    return parse_recipe_args(__doc__, DEFAULTS, 'tasks=[local_copa] limit=50', argv, rules=RULES)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig
 
 from supra.checkpoint import load_checkpoint
-from supra.config import parse_recipe_args
+from supra.config import Rule, parse_recipe_args
 from supra.generation import generate
-from supra.loading import default_add_bos, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
+from supra.loading import DTYPES, default_add_bos, resolve_checkpoint, resolve_device, resolve_dtype, resolve_tokenizer
 from supra.modules import is_linear_layer
 
 DEFAULTS = {
@@ -33,7 +33,22 @@ DEFAULTS = {
     "compile": False,
     "device": "auto",
     "dtype": None,
+    "verify_checksums": True,
 }
+# What the defaults' types do not say: ranges, choices, and the keys that may be null.
+RULES = {
+    "checkpoint": Rule(str, nullable=True),
+    "tokenizer": Rule(str, nullable=True),
+    "max_new_tokens": Rule(int, low=1),
+    "temperature": Rule(float, low=0),
+    "top_k": Rule(int, low=1, nullable=True),
+    "top_p": Rule(float, low=0, high=1, low_open=True, nullable=True),
+    "repetition_penalty": Rule(float, low=0, low_open=True),
+    "seed": Rule(int, low=0, nullable=True),
+    "dtype": Rule(choices=[*DTYPES, "auto"], nullable=True),
+}
+
+
 def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
     """Bytes of float32 recurrent state for ``batch_size`` sequences: constant in context length."""
     return sum(math.prod(layer.attn.state_shape(batch_size)) * 4 for layer in model.layers if is_linear_layer(layer))
@@ -42,7 +57,8 @@ def recurrent_state_bytes(model: torch.nn.Module, batch_size: int = 1) -> int:
 def recipe_main(cfg: DictConfig) -> List[int]:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(cfg.tokenizer, checkpoint)
-    model = load_checkpoint(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device))
+    model = load_checkpoint(checkpoint, dtype=resolve_dtype(cfg.dtype), device=resolve_device(cfg.device),
+                            verify_checksums=cfg.verify_checksums)
     prompt = ([tokenizer.bos_id] if default_add_bos(tokenizer) else []) + tokenizer.encode(cfg.prompt)
     stop = [tokenizer.eos_id] if cfg.stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
 
@@ -86,7 +102,7 @@ def recipe_main(cfg: DictConfig) -> List[int]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    return parse_recipe_args(__doc__, DEFAULTS, 'prompt="Once upon a time"', argv)
+    return parse_recipe_args(__doc__, DEFAULTS, 'prompt="Once upon a time"', argv, rules=RULES)
 
 
 if __name__ == "__main__":

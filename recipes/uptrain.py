@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
 from supra.checkpoint._io import iter_tensors, weight_files
-from supra.config import parse_recipe_args, resolve_path, to_dict
+from supra.config import Rule, parse_recipe_args, resolve_path, to_dict
 from supra.loading import DTYPES
 from supra.convert import linearize, new_parameter_names
 from supra.modules import is_linear_layer
@@ -84,8 +84,47 @@ DEFAULTS: Dict[str, Any] = {
     "resume": False,
     "stop_after_n_steps": None,
     "metric_logger": {"tensorboard_dir": None, "wandb": None},
+    "collective_timeout_s": 1800,
 }
 FREE_FORM = ("model.kwargs", "metric_logger.wandb")
+# What the defaults' types do not say: ranges, choices, and the keys that may be null.
+RULES: Dict[str, Rule] = {
+    "seed": Rule(int, low=0),
+    "mixed_precision": Rule(choices=DTYPES),
+    "model.checkpoint": Rule(str, nullable=True),
+    "model.builder": Rule(str, nullable=True),
+    "model.dtype": Rule(choices=DTYPES),
+    "linearize.layers": Rule(list, nullable=True),
+    "linearize.decay_start": Rule(float, low=0, nullable=True),
+    "linearize.feature_dim": Rule(int, low=1, nullable=True),
+    "data.type": Rule(choices=["shards", "open_lm", "text", "python_docs"]),
+    "data.path": Rule(str, nullable=True),
+    "data.tokenizer": Rule(str, nullable=True),
+    "data.seq_len": Rule(int, low=1),
+    "data.num_workers": Rule(int, low=0),
+    "data.heldout_path": Rule(str, nullable=True),
+    "batch_size": Rule(int, low=1),
+    "gradient_accumulation_steps": Rule(int, low=1),
+    "max_steps": Rule(int, low=1),
+    "optimizer.lr": Rule(float, low=0, low_open=True),
+    "optimizer.new_lr": Rule(float, low=0, low_open=True, nullable=True),
+    "optimizer.eps": Rule(float, low=0, low_open=True),
+    "optimizer.weight_decay": Rule(float, low=0),
+    "freeze_pretrained.until_step": Rule(int, low=0, nullable=True),
+    "scheduler.warmup_steps": Rule(int, low=0),
+    "scheduler.min_lr_ratio": Rule(float, low=0, high=1, nullable=True),
+    "scheduler.min_lr": Rule(float, low=0),
+    "clip_grad_norm": Rule(float, low=0, low_open=True, nullable=True),
+    "z_loss_weight": Rule(float, low=0),
+    "log_every_n_steps": Rule(int, low=1),
+    "eval_every_n_steps": Rule(int, low=1, nullable=True),
+    "eval_batches": Rule(int, low=1, nullable=True),
+    "save_every_n_steps": Rule(int, low=1),
+    "keep_last_n_checkpoints": Rule(int, low=1),
+    "stop_after_n_steps": Rule(int, low=1, nullable=True),
+    "metric_logger.tensorboard_dir": Rule(str, nullable=True),
+    "collective_timeout_s": Rule(float, low=0, low_open=True),
+}
 # Tokenizer files a checkpoint folder may carry (the generate recipe looks for them there).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 TEACHER_LABEL = "teacher (softmax)"
@@ -174,8 +213,6 @@ class UptrainRecipe:
             raise ValueError("set exactly one of model.checkpoint (a checkpoint to load) and model.builder (a supra.models builder)")
         if cfg.model.checkpoint is not None and not resolve_path(cfg.model.checkpoint).exists():
             raise ValueError(f"model.checkpoint {cfg.model.checkpoint} does not exist")
-        if cfg.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1; got {cfg.max_steps}")
         if cfg.scheduler.warmup_steps >= cfg.max_steps and self.rank == 0:
             # Shortened runs (smoke tests) are common: train on the warmup ramp, and say so once.
             logger.warning(
@@ -184,14 +221,6 @@ class UptrainRecipe:
             )
         if cfg.data.type == "open_lm" and cfg.data.document_boundaries:
             raise ValueError("data.document_boundaries is not supported with data.type open_lm (its samples carry no document offsets)")
-        for key in ("batch_size", "gradient_accumulation_steps", "save_every_n_steps", "log_every_n_steps",
-                    "keep_last_n_checkpoints"):
-            if cfg[key] < 1:
-                raise ValueError(f"{key} must be >= 1; got {cfg[key]}")
-        if cfg.eval_batches is not None and cfg.eval_batches < 1:
-            raise ValueError(f"eval_batches must be >= 1, or null for the whole held-out set; got {cfg.eval_batches}")
-        if cfg.mixed_precision not in DTYPES:
-            raise ValueError(f"mixed_precision {cfg.mixed_precision!r} is unknown; choose one of {sorted(DTYPES)}")
 
     def _dataset(self, split: str):
         """The training (or held-out) dataset named by ``data.type``."""
@@ -505,7 +534,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    return parse_recipe_args(__doc__, DEFAULTS, "optimizer.lr=1e-4", argv, free_form=FREE_FORM)
+    return parse_recipe_args(__doc__, DEFAULTS, "optimizer.lr=1e-4", argv, free_form=FREE_FORM, rules=RULES)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 Configs are OmegaConf YAML files. A recipe declares its defaults (every valid key with its
 default); a config may set any of them, and a misspelled key is an error that lists the
-valid keys near it, before anything runs.
+valid keys near it, before anything runs. Every value is checked too: against the type of its
+default, or a ``Rule`` the recipe declares (a range, a set of choices, null allowed or not).
 """
 
 import argparse
 import difflib
 import importlib.util
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -67,24 +70,117 @@ def find_config(name_or_path: Union[str, Path]) -> Path:
     raise ValueError(f"config {name_or_path!r} is neither a file nor a shipped config; {hint}shipped: {sorted(shipped)}")
 
 
+class Rule:
+    """The values one config key accepts, for keys whose default does not say enough.
+
+    Args:
+        kind: ``int``, ``float`` (ints accepted too), ``bool``, ``str`` or ``list``; None: any type
+            (with ``choices``).
+        low, high: inclusive bounds (numbers only); None: unbounded.
+        low_open, high_open: make a bound exclusive (``lr > 0``).
+        choices: the only values allowed.
+        nullable: null (None) is allowed too.
+    """
+
+    def __init__(self, kind: Optional[type] = None, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False, choices: Optional[Iterable[Any]] = None,
+                 nullable: bool = False) -> None:
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.choices = None if choices is None else sorted(choices)
+        self.nullable = nullable
+
+    def describe(self) -> str:
+        """The rule in words: ``an integer >= 1, or null``."""
+        if self.choices is not None:
+            text = f"one of {self.choices}"
+        else:
+            text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+                    list: "a list"}.get(self.kind, "any value")
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {self.low}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {self.high}")
+            if bounds:
+                text += " " + " and ".join(bounds)
+        return text + (", or null" if self.nullable else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.choices is not None:
+            return value in self.choices
+        if self.kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        elif self.kind is list:
+            ok = isinstance(value, (list, tuple))
+        else:
+            ok = self.kind is None or isinstance(value, self.kind)
+        if not ok or self.kind not in (int, float):
+            return ok
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+
+def default_rule(default: Any) -> Optional[Rule]:
+    """The rule a default implies: its type (ints for floats too), null refused; None for a null
+    default (any value: such keys need an explicit ``Rule``)."""
+    if default is None:
+        return None
+    for kind in (bool, int, float, str):
+        if isinstance(default, kind):
+            return Rule(kind)
+    return Rule(list) if isinstance(default, (list, tuple)) else None
+
+
+def check_values(config: Dict[str, Any], defaults: Dict[str, Any], rules: Dict[str, Rule], free_form: Iterable[str] = (),
+                 prefix: str = "") -> None:
+    """Checks every value of a merged config against its ``rules`` entry (dotted key), else the
+    type its default implies; sections that are ``free_form`` are skipped.
+
+    Raises:
+        ValueError: for the first bad value, naming the key, the rule and the value received.
+    """
+    for key, default in defaults.items():
+        path = f"{prefix}{key}"
+        if path in free_form or key not in config:
+            continue
+        value = config[key]
+        if isinstance(default, dict) and path not in rules:
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} is a section (keys {sorted(default)}); got {value!r}")
+            check_values(value, default, rules, free_form, prefix=f"{path}.")
+            continue
+        rule = rules.get(path, default_rule(default))
+        if rule is not None and not rule.accepts(value):
+            raise ValueError(f"{path} must be {rule.describe()}; got {value!r} ({type(value).__name__})")
+
+
 def load_config(
     name_or_path: Union[str, Path],
     overrides: Sequence[str] = (),
     *,
     defaults: Optional[Dict[str, Any]] = None,
     free_form: Iterable[str] = (),
+    rules: Optional[Dict[str, Rule]] = None,
 ) -> DictConfig:
     """Loads a config, applies dotted ``key=value`` overrides and, given ``defaults``, fills
-    missing keys and rejects unknown ones.
+    missing keys, rejects unknown ones and checks every value (``check_values``).
 
     Args:
         name_or_path: a YAML path or a shipped config name.
         overrides: ``a.b=value`` strings (values parsed as YAML), applied last.
         defaults: every valid key with its default value (nested dicts for sections).
         free_form: dotted paths of sections whose keys are not checked (builder arguments, ...).
+        rules: dotted key -> ``Rule``, for keys whose default's type is not the whole rule
+            (ranges, choices, null allowed, null defaults).
 
     Raises:
-        ValueError: for a malformed override or an unknown key (listing the valid keys near it).
+        ValueError: for a malformed override, an unknown key (listing the valid keys near it) or
+            a value its rule refuses (naming the rule and the value).
     """
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -93,6 +189,7 @@ def load_config(
     if defaults is not None:
         check_keys(OmegaConf.to_container(config), defaults, set(free_form))
         config = OmegaConf.merge(OmegaConf.create(defaults), config)
+        check_values(OmegaConf.to_container(config, resolve=True), defaults, rules or {}, set(free_form))
     return config
 
 
@@ -102,6 +199,7 @@ def parse_recipe_args(
     override_example: str,
     argv: Optional[Sequence[str]] = None,
     free_form: Iterable[str] = (),
+    rules: Optional[Dict[str, Rule]] = None,
 ) -> DictConfig:
     """A recipe's command line, ``--config CONFIG [key=value ...]``, loaded with ``load_config``.
 
@@ -111,12 +209,13 @@ def parse_recipe_args(
         override_example: shown in ``--help``, e.g. ``'prompt="Once upon a time"'``.
         argv: the arguments; None reads ``sys.argv``.
         free_form: dotted sections whose keys are not checked.
+        rules: dotted key -> ``Rule`` (see ``load_config``).
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
     parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, defaults=defaults, free_form=free_form)
+    return load_config(args.config, args.overrides, defaults=defaults, free_form=free_form, rules=rules)
 
 
 def check_keys(config: Dict[str, Any], defaults: Dict[str, Any], free_form: set, prefix: str = "") -> None:

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from supra.checkpoint import load_checkpoint
+from supra.checkpoint import detect_format, load_checkpoint
 from supra.config import resolve_path
 from supra.data import load_tokenizer
 from supra.data.python_docs import ByteTokenizer
@@ -23,7 +23,8 @@ def resolve_checkpoint(path: Optional[Union[str, Path]]) -> Path:
     ``supra:REL`` names one shipped with supra (``supra:assets/tiny_teacher``).
 
     Raises:
-        ValueError: for None or a path that does not exist.
+        ValueError: for None, a path that does not exist, an uptrain output_dir without a complete
+            checkpoint, or a path that holds no checkpoint of a known format.
     """
     if path is None:
         raise ValueError("no checkpoint given: set checkpoint= (a checkpoint folder, or an uptrain output_dir)")
@@ -33,6 +34,11 @@ def resolve_checkpoint(path: Optional[Union[str, Path]]) -> Path:
         return steps[-1] / "model"
     if not folder.exists():
         raise ValueError(f"checkpoint {folder} does not exist (run the uptrain recipe first, or point at a checkpoint folder)")
+    if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file():
+        raise ValueError(f"{folder} is an uptrain output_dir without a complete checkpoint yet (none in "
+                         f"{folder / 'checkpoints'}); wait for its first save, or point at a checkpoint folder")
+    # Said before any tokenizer is looked for: a folder with no checkpoint has no tokenizer either.
+    detect_format(folder)
     return folder
 
 
@@ -76,7 +82,7 @@ def resolve_dtype(name: Optional[Union[str, torch.dtype]]) -> Optional[torch.dty
 
 def load_model(
     checkpoint: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-    linearize: Optional[bool] = None,
+    linearize: Optional[bool] = None, verify_checksums: bool = True,
 ) -> nn.Module:
     """``load_checkpoint`` with one clear message whatever goes wrong.
 
@@ -85,7 +91,7 @@ def load_model(
     """
     path = resolve_checkpoint(checkpoint)
     try:
-        return load_checkpoint(path, dtype=dtype, device=device, linearize=linearize)
+        return load_checkpoint(path, dtype=dtype, device=device, linearize=linearize, verify_checksums=verify_checksums)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         # A KeyError's text is just the key (a config missing one that no loader checks): say what it is.
         reason = f"its config lacks the key {error}" if isinstance(error, KeyError) else str(error)

@@ -27,6 +27,8 @@ from supra.checkpoint._io import (
     load_pickled_state_dict,
     read_json,
     save_safetensors_shards,
+    sha256_file,
+    verify_sha256,
     weight_files,
 )
 from supra.checkpoint._load import build_on_meta, load_tensors_into
@@ -80,11 +82,13 @@ def load_checkpoint(
     device: Optional[Union[str, torch.device]] = None,
     config: Optional[Union[PathLike, Dict[str, Any]]] = None,
     linearize: Optional[Union[bool, Dict[str, Any]]] = None,
+    verify_checksums: bool = True,
 ) -> nn.Module:
     """Builds the model a checkpoint describes and loads its weights, strictly.
 
     The model is built on the meta device and filled tensor by tensor (safetensors lazily,
-    pickles memory-mapped), so peak host memory stays near one copy of the weights.
+    pickles memory-mapped), so peak host memory stays near one copy of the weights. Weights
+    that are NaN or infinite are refused, whatever the format.
 
     Args:
         path: a checkpoint folder or, for ``open_lm_raw``, a file (see ``FORMATS``).
@@ -94,13 +98,16 @@ def load_checkpoint(
         linearize: for softmax (``hf``) checkpoints: True (defaults) or a dict of
             ``supra.convert.linearize`` arguments (``{}`` also means defaults) to load them into a
             SUPRA model; its new parameters are initialized (and logged). None or False: as stored.
+        verify_checksums (bool): check a supra folder's weight files against the sha256 digests
+            ``save_checkpoint`` recorded (reads every byte once more); False skips it for speed.
 
     Returns:
         nn.Module: a ``supra.modules.SupraDecoder`` (a torchtune ``TransformerDecoder``) in eval mode.
 
     Raises:
         ValueError: for an unknown format, unsupported config values, missing / unexpected /
-            wrongly shaped tensors, or unreadable weight files (each error names the culprit).
+            wrongly shaped / non-finite tensors, unreadable weight files, or weight files whose
+            checksum changed (each error names the culprit).
     """
     from supra.convert import linearize as linearize_model, new_parameter_names
 
@@ -116,6 +123,8 @@ def load_checkpoint(
 
     if fmt == "supra":
         spec = read_json(path / SUPRA_CONFIG)
+        if verify_checksums:
+            verify_sha256(path, spec.get("sha256", {}), skip_hint="verify_checksums=False (verify_checksums=false)")
         model = build_on_meta(lambda: build_from_spec(spec, source=path / SUPRA_CONFIG))
         tensors, key_map = _folder_tensors(path, transient=dtype is not None), _identity
     elif fmt == "hf":
@@ -189,7 +198,8 @@ def save_checkpoint(
 ) -> Path:
     """Writes a supra folder: safetensors weights (sharded above ``max_shard_size``, with an index)
     and ``supra_config.json`` recording the builder, its arguments and linearize calls, so that
-    ``load_checkpoint(path)`` rebuilds the exact model. Written to a temporary folder, then renamed.
+    ``load_checkpoint(path)`` rebuilds the exact model, and the sha256 of every weight file, which
+    ``load_checkpoint`` verifies. Written to a temporary folder, then renamed.
     ``state_dict`` replaces ``model.state_dict()`` (e.g. the full state dict gathered from an
     FSDP-sharded model on rank 0).
 
@@ -209,7 +219,9 @@ def save_checkpoint(
     record = {"format": "supra", "format_version": FORMAT_VERSION, "supra_version": supra.__version__, **spec}
     path = Path(path)
     with atomic_folder(path, overwrite=overwrite) as folder:
-        save_safetensors_shards(tensors, folder, _parse_size(max_shard_size), metadata={"format": "pt"})
+        files = save_safetensors_shards(tensors, folder, _parse_size(max_shard_size), metadata={"format": "pt"})
+        # Checked by load_checkpoint: a damaged copy fails naming its file instead of loading garbage.
+        record["sha256"] = {name: sha256_file(folder / name) for name in files}
         (folder / SUPRA_CONFIG).write_text(json.dumps(record, indent=2))
     logger.info("saved %s", path)
     return path

@@ -1,6 +1,7 @@
 """Reading weight files tensor by tensor, writing folders atomically."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,36 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read JSON file {path}: {error}") from error
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_sha256(folder: Path, recorded: Dict[str, str], skip_hint: str) -> None:
+    """Checks the files of ``folder`` against the sha256 digests recorded when they were written.
+
+    Args:
+        folder: where the files are.
+        recorded: file name (relative to ``folder``) -> hex sha256.
+        skip_hint: how to load without this check, for the message.
+
+    Raises:
+        ValueError: naming the first file that is missing or whose bytes changed.
+    """
+    for name, digest in recorded.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing (its checksum was recorded when the checkpoint was saved)")
+        actual = sha256_file(file)
+        if actual != digest:
+            raise ValueError(
+                f"{file} does not match the checksum recorded when it was saved (sha256 {digest[:16]}..., now "
+                f"{actual[:16]}...): it is damaged (flipped bits, a partial copy). Copy it again from its source "
+                f"or use an earlier checkpoint; {skip_hint} skips this check"
+            )
 
 
 def weight_files(folder: Path) -> List[Path]:

@@ -48,13 +48,15 @@ def load_tensors_into(
         nn.Module: the model, materialized on ``device``.
 
     Raises:
-        ValueError: naming missing, unexpected and wrongly shaped tensors (first few and counts).
+        ValueError: naming missing, unexpected and wrongly shaped tensors (first few and counts), or
+            the tensors holding NaN or infinite values.
     """
     device = torch.device(device or "cpu")
     expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
     loaded: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
     wrong_shape: List[str] = []
+    non_finite: List[str] = []
     misshapen: Set[str] = set()
     for checkpoint_name, tensor in tensors:
         for name, value in key_map(checkpoint_name, tensor):
@@ -69,6 +71,8 @@ def load_tensors_into(
                 if not torch.equal(loaded[name].to(value.device, value.dtype), value):
                     wrong_shape.append(f"{shown}: a second, different value for {name} (tied weights must be equal)")
             else:
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    non_finite.append(shown)
                 if dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
                 loaded[name] = value.to(device)
@@ -77,6 +81,11 @@ def load_tensors_into(
     not_allowed = [name for name in missing if name not in allowed]
     if not_allowed or unexpected or wrong_shape:
         raise ValueError(_mismatch_message(source, not_allowed, unexpected, wrong_shape))
+    if non_finite:
+        raise ValueError(
+            f"{source} holds NaN or infinite values in {_first(non_finite)}: the weights are damaged or come "
+            "from a diverged run; use an earlier checkpoint"
+        )
     model.load_state_dict(loaded, strict=False, assign=True)
     initialized = _initialize_meta_parameters(model, device, dtype or _floating_dtype(loaded))
     if initialized:

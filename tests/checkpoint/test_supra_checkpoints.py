@@ -508,3 +508,27 @@ def test_a_config_may_only_name_model_builders(tmp_path):
     (tmp_path / "ckpt" / "supra_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'build_norm' is not a supra.models model builder"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_flipped_byte_in_a_weight_file_fails_naming_it_unless_verification_is_skipped(tmp_path):
+    save_checkpoint(supra_test_tiny(vocab_size=VOCAB), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    recorded = json.loads((tmp_path / "ckpt" / "supra_config.json").read_text())["sha256"]
+    assert set(recorded) == {"model.safetensors"}
+    data = bytearray(weights.read_bytes())
+    # A byte in the last tensor's data, not in the header: the file still parses.
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} does not match the checksum recorded when it "
+                                         r"was saved .* verify_checksums=False"):
+        load_checkpoint(tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt", verify_checksums=False) is not None
+
+
+def test_non_finite_weights_are_refused_on_load_naming_the_tensor(tmp_path):
+    model = supra_test_tiny(vocab_size=VOCAB)
+    with torch.no_grad():
+        model.layers[1].mlp.w1.weight[0, 0] = float("nan")
+    save_checkpoint(model, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values in layers.1.mlp.w1.weight \(1 in all\)"):
+        load_checkpoint(tmp_path / "ckpt")

@@ -18,7 +18,7 @@ TEXT = "The with statement wraps a block in methods of a context manager. " * 12
 
 def _config(*overrides):
     # The test checkpoints are byte-level models without tokenizer files.
-    return load_config("tiny/eval", ["tokenizer=bytes", *overrides], defaults=RECIPE["DEFAULTS"])
+    return load_config("tiny/eval", ["tokenizer=bytes", *overrides], defaults=RECIPE["DEFAULTS"], rules=RECIPE["RULES"])
 
 
 @pytest.fixture
@@ -73,3 +73,10 @@ def test_command_line_reads_config_and_overrides():
     assert cfg.limit == 5 and list(cfg.tasks) == ["local_copa"] and cfg.checkpoint == "outputs/tiny_uptrain"
     with pytest.raises(ValueError, match="unknown config key 'taks'"):
         RECIPE["parse_args"](["--config", "tiny/eval", "taks=[x]"])
+
+
+def test_bad_values_are_refused_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1; got 'abc' \(str\)"):
+        RECIPE["parse_args"](["--config", "tiny/eval", "batch_size=abc"])
+    with pytest.raises(ValueError, match=r"passkey.trials must be an integer >= 1; got 0"):
+        RECIPE["parse_args"](["--config", "tiny/eval", "passkey.trials=0"])

@@ -16,7 +16,7 @@ RECIPE = runpy.run_path(str(recipe_root() / "generate.py"), run_name="generate_u
 
 
 def _config(*overrides):
-    return load_config("tiny/generate", list(overrides), defaults=RECIPE["DEFAULTS"])
+    return load_config("tiny/generate", list(overrides), defaults=RECIPE["DEFAULTS"], rules=RECIPE["RULES"])
 
 
 def test_streams_the_greedy_continuation_and_reports_speed_and_state(tmp_path, capsys):
@@ -71,3 +71,42 @@ def test_missing_checkpoint_and_tokenizer_are_clear_errors(tmp_path):
     save_checkpoint(supra_test_tiny(vocab_size=258), tmp_path / "ckpt")
     with pytest.raises(ValueError, match="has no tokenizer.json or tokenizer.model"):
         RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'ckpt'}", "tokenizer=null"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("temperature=abc", r"temperature must be a finite number >= 0; got 'abc' \(str\)"),
+        ("temperature=.nan", r"temperature must be a finite number >= 0; got nan \(float\)"),
+        ("max_new_tokens=abc", r"max_new_tokens must be an integer >= 1; got 'abc' \(str\)"),
+        ("max_new_tokens=2.5", r"max_new_tokens must be an integer >= 1; got 2.5 \(float\)"),
+        ("top_k=2.5", r"top_k must be an integer >= 1, or null; got 2.5"),
+        ("prompt=", r"prompt must be a string; got None \(NoneType\)"),
+        ("dtype=fp8", r"dtype must be one of \[.*'auto'.*\], or null; got 'fp8'"),
+    ],
+)
+def test_bad_values_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(ValueError, match=message):
+        _config(override)
+
+
+def test_a_folder_without_a_checkpoint_says_so_before_looking_for_a_tokenizer(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"{tmp_path} matches no known checkpoint format"):
+        RECIPE["recipe_main"](_config(f"checkpoint={tmp_path}", "tokenizer=null"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is an uptrain output_dir without a complete checkpoint yet"):
+        RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'run'}", "tokenizer=null"))
+
+
+def test_a_damaged_checkpoint_fails_naming_the_file_unless_verification_is_off(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(supra_test_tiny(vocab_size=258), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    common = [f"checkpoint={tmp_path / 'ckpt'}", "tokenizer=bytes", "max_new_tokens=2"]
+    with pytest.raises(ValueError, match=f"{weights} does not match the checksum"):
+        RECIPE["recipe_main"](_config(*common))
+    assert len(RECIPE["recipe_main"](_config(*common, "verify_checksums=false", "stop_at_eos=false"))) == 2

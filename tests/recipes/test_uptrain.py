@@ -29,7 +29,7 @@ TEACHER_TOKENIZER = "supra:assets/tiny_teacher/tokenizer.model"
 def _config(tmp_path, *overrides):
     return load_config(
         "tiny/uptrain", [f"output_dir={tmp_path}", *SMALL, *overrides],
-        defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"],
+        defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"], rules=RECIPE["RULES"],
     )
 
 
@@ -41,7 +41,7 @@ def _losses(output_dir):
 
 @pytest.mark.parametrize("name", sorted(n for n in list_configs() if n.endswith(("uptrain", "pretrain"))))
 def test_every_shipped_uptrain_config_validates(name):
-    config = load_config(name, defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"])
+    config = load_config(name, defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"], rules=RECIPE["RULES"])
     assert config.max_steps > config.scheduler.warmup_steps
 
 
@@ -76,16 +76,35 @@ def test_run_shorter_than_warmup_trains_on_the_ramp_with_one_warning(tmp_path, c
     [
         (["model.builder=null", "model.checkpoint=/no/such/checkpoint"], "model.checkpoint /no/such/checkpoint does not exist"),
         (["data.type=shards", "data.path=/no/such/shards"], "data.path /no/such/shards does not exist"),
-        (["batch_size=0"], "batch_size must be >= 1"),
-        (["data.type=parquet"], "data.type 'parquet' is unknown"),
         (["model.builder=build_norm"], "is not a supra.models model builder"),
-        (["eval_batches=0"], "eval_batches must be >= 1, or null for the whole held-out set"),
         (["model.builder=null", "model.checkpoint=supra:assets/no_such_model"], "model.checkpoint supra:assets/no_such_model does not exist"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         _setup(_config(tmp_path, *overrides))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=0", "batch_size must be an integer >= 1; got 0 \\(int\\)"),
+        ("batch_size=abc", "batch_size must be an integer >= 1; got 'abc' \\(str\\)"),
+        ("max_steps=abc", "max_steps must be an integer >= 1; got 'abc' \\(str\\)"),
+        ("max_steps=2.5", "max_steps must be an integer >= 1; got 2.5 \\(float\\)"),
+        ("optimizer.lr=abc", "optimizer.lr must be a finite number > 0; got 'abc' \\(str\\)"),
+        ("optimizer.lr=.nan", "optimizer.lr must be a finite number > 0; got nan \\(float\\)"),
+        ("model.dtype=fp8", r"model.dtype must be one of \['bf16', 'bfloat16', .*\]; got 'fp8' \(str\)"),
+        ("data.type=parquet", r"data.type must be one of \['open_lm', 'python_docs', 'shards', 'text'\]; got 'parquet'"),
+        ("eval_batches=0", "eval_batches must be an integer >= 1, or null; got 0"),
+        ("compile=yes please", "compile must be true or false; got 'yes please' \\(str\\)"),
+        ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio must be a finite number >= 0 and <= 1, or null; got 2 \(int\)"),
+        ("optimizer=3", "optimizer is a section"),
+    ],
+)
+def test_bad_values_are_refused_when_the_config_loads_naming_the_rule_and_the_value(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, override)
 
 
 def test_empty_dataset_vocab_mismatch_and_indivisible_batch_fail_before_training(tmp_path):
