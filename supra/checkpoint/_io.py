@@ -1,10 +1,13 @@
 """Reading weight files tensor by tensor, writing folders atomically."""
 
 import contextlib
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -14,6 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# madvise(MADV_DONTNEED) frees the pages of memory-mapped pickles tensor by tensor (Linux only).
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PAGE_SIZE = mmap.PAGESIZE
+MADV_DONTNEED = 4
 
 
 def read_json(path: Path) -> dict:
@@ -78,9 +85,10 @@ def iter_tensors(path: Path, *, transient: bool = False) -> Iterator[Tuple[str, 
     """Yields (name, tensor) from one weight file, one tensor at a time where the format allows
     (safetensors is read lazily; pickles are memory-mapped).
 
-    ``transient=True`` (the caller converts each tensor and drops it) reads safetensors into a
-    buffer per tensor instead of one file mapping, so the pages of converted tensors are freed
-    at once rather than when the file closes.
+    ``transient=True`` (the caller converts each tensor and drops it, never writing into it)
+    reads safetensors into a buffer per tensor instead of one file mapping, and hands a memory-
+    mapped pickle's pages of each tensor back to the kernel once the caller asks for the next,
+    so the pages of converted tensors are freed at once rather than when the file closes.
 
     Raises:
         ValueError: naming the file, when it is truncated, corrupt or not a weight file.
@@ -97,12 +105,39 @@ def iter_tensors(path: Path, *, transient: bool = False) -> Iterator[Tuple[str, 
                 raise
             raise ValueError(f"cannot read weight file {path} (truncated or corrupt?): {error}") from error
         return
-    yield from load_pickled_state_dict(path).items()
+    tensors, mapped = _pickled_state_dict(path)
+    for name, tensor in tensors.items():
+        yield name, tensor
+        # Only file-backed pages: dropping anonymous ones would zero tensors sharing the storage.
+        if transient and mapped:
+            release_file_pages(tensor)
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drops the resident pages of a tensor read from a private file mapping (``torch.load(mmap=
+    True)``); a later read of it reloads them from the file. Only for tensors nobody wrote into:
+    the written pages of a private mapping would be lost. Does nothing off Linux."""
+    storage = tensor.untyped_storage()
+    if LIBC is None or storage.device.type != "cpu" or storage.nbytes() == 0:
+        return
+    start = storage.data_ptr() // PAGE_SIZE * PAGE_SIZE
+    end = storage.data_ptr() + storage.nbytes()
+    # Only whole pages inside the storage: its neighbours may still be in use.
+    start = start + PAGE_SIZE if start < storage.data_ptr() else start
+    end = end // PAGE_SIZE * PAGE_SIZE
+    if end > start:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def load_pickled_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """``torch.load`` of a state dict (or a training checkpoint holding one under ``state_dict``),
     memory-mapped, tensors only (no arbitrary code), naming the file on failure."""
+    return _pickled_state_dict(path)[0]
+
+
+def _pickled_state_dict(path: Path) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """``load_pickled_state_dict``'s tensors, and whether they are memory-mapped from the file."""
+    mapped = True
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -110,14 +145,14 @@ def load_pickled_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             if "mmap" not in str(error):
                 raise
             # Files from torch.save(_use_new_zipfile_serialization=False) cannot be memory-mapped.
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data, mapped = torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as error:
         raise ValueError(f"cannot read weight file {path} (truncated, corrupt or not a torch checkpoint): {error}") from error
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (nor a 'state_dict' entry with one)")
-    return data
+    return data, mapped
 
 
 @contextlib.contextmanager
