@@ -1,6 +1,8 @@
 """Generation from the recurrent state: one chunked prefill, then one recurrent step per token."""
 
 import contextlib
+import math
+import numbers
 import weakref
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -70,9 +72,10 @@ def generate(
         List[List[int]]: the new tokens of each request, up to and including its stop token.
 
     Raises:
-        ValueError: for an empty prompt, ids outside the vocabulary, temperature < 0, top_p outside
-            (0, 1], top_k < 1, max_new_tokens < 1, repetition_penalty <= 0, or a batch larger than
-            the caches already set up.
+        ValueError: for prompts that are not lists of integer ids (text, a flat list, floats), an
+            empty prompt, ids outside the vocabulary, a temperature that is negative or not finite,
+            top_p outside (0, 1], top_k or max_new_tokens not an integer >= 1,
+            repetition_penalty <= 0, or a batch larger than the caches already set up.
     """
     vocab_size = model.tok_embeddings.num_embeddings
     _check_arguments(prompts, vocab_size, max_new_tokens, temperature, top_k, top_p, repetition_penalty, pad_id)
@@ -223,24 +226,46 @@ def _cut_at_stop(tokens: List[int], stop: set) -> List[int]:
     return tokens
 
 
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, or a 0-d integer tensor; never a bool or a float."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_arguments(prompts, vocab_size, max_new_tokens, temperature, top_k, top_p, repetition_penalty, pad_id) -> None:
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts must be token ids, one list per prompt; got the text {prompts[:40]!r}: encode it "
+                         "with the tokenizer and pass [ids]")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
     for i, prompt in enumerate(prompts):
+        if _is_int(prompt) or isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise ValueError(f"prompts must be a list of prompts, each a list of token ids; prompt {i} is {prompt!r}: "
+                             "wrap a single prompt as [ids]")
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        not_ids = [t for t in prompt if not _is_int(t)]
+        if not_ids:
+            raise ValueError(f"prompt {i} holds values that are not integer token ids: {not_ids[:5]} (floats are "
+                             "not truncated: pass ints)")
+        bad = [int(t) for t in prompt if not 0 <= int(t) < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    if not 0 <= pad_id < vocab_size:
-        raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None); got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (or None); got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off); got {repetition_penalty}")
+    if not _is_int(pad_id) or not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id must be an integer in the vocabulary [0, {vocab_size}); got {pad_id!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if not _is_real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None); got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (or None); got {top_p!r}")
+    if not _is_real(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off); got {repetition_penalty!r}")
