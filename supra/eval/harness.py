@@ -123,6 +123,23 @@ class SupraLM(TemplateLM):
         self.model = model.eval()
         self._check_tokenizer()
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[Dict[str, Any]] = None) -> "SupraLM":
+        """``--model_args`` as a string (``checkpoint=...,dtype=bf16``); see ``create_from_arg_obj``."""
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: Dict[str, Any], additional_config: Optional[Dict[str, Any]] = None) -> "SupraLM":
+        """The model from the user's ``model_args`` (strict: a misspelled name would silently change
+        the scores) and lm-eval's own settings (``batch_size``, ``device``, ...; tolerant: a newer
+        lm-eval may pass settings this adapter does not know, which are ignored with a warning)."""
+        known = set(inspect.signature(cls).parameters) - {"unknown"}
+        settings = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        ignored = sorted(set(settings) - known)
+        if ignored:
+            logger.warning("supra: ignoring lm-eval settings %s (not used by the supra model)", ignored)
+        return cls(**{**arg_dict, **{key: value for key, value in settings.items() if key in known}})
+
     def _check_tokenizer(self) -> None:
         if getattr(self.tokenizer, "eos_id", None) is None:
             raise ValueError(f"tokenizer {self.tokenizer!r} has no EOS token: lm-eval needs one (end of text, empty contexts)")

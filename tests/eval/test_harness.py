@@ -93,6 +93,16 @@ def test_registered_as_supra_beside_the_builtin_models(tiny_checkpoint):
     assert lm.batch_size == 4 and lm.max_length is None and lm.add_bos is False
 
 
+def test_model_args_are_strict_and_lm_evals_own_settings_tolerant(tiny_checkpoint, caplog):
+    create = get_model("supra").create_from_arg_string
+    with pytest.raises(ValueError, match=r"unknown supra model argument\(s\) \['dtyp'\]"):
+        create(f"checkpoint={tiny_checkpoint},tokenizer=bytes,dtyp=bf16", {"device": "cpu"})
+    with caplog.at_level("WARNING"):
+        lm = create(f"checkpoint={tiny_checkpoint},tokenizer=bytes", {"device": "cpu", "batch_size": 3, "a_future_setting": 1})
+    assert lm.batch_size == 3
+    assert any("ignoring lm-eval settings ['a_future_setting']" in r.getMessage() for r in caplog.records)
+
+
 def test_clear_errors(tmp_path, tiny_model, tiny_checkpoint):
     with pytest.raises(ValueError, match="does not exist"):
         SupraLM(checkpoint=str(tmp_path / "missing"), tokenizer="bytes")
