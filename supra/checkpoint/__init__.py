@@ -9,6 +9,8 @@ Formats (detected from the files):
   ``model_type: "openlm"`` + ``pytorch_model.bin`` or safetensors, keys prefixed ``model.``).
 - ``open_lm_raw``: a linear_open_lm training checkpoint (``torch.save`` dict with ``state_dict``)
   plus the open_lm model config it was trained with (``config=``).
+- ``gguf``: a llama.cpp ``.gguf`` file (llama or qwen2 architecture; float or quantized tensors,
+  dequantized to float32), or a folder holding exactly one.
 """
 
 import json
@@ -32,6 +34,7 @@ from supra.checkpoint._io import (
     weight_files,
 )
 from supra.checkpoint._load import build_on_meta, load_tensors_into
+from supra.checkpoint.gguf import gguf_hf_config, gguf_tensors, read_gguf_header
 from supra.checkpoint.hf import hf_decoder_kwargs, hf_key_map
 from supra.models.supra._spec import RECORDED_BUILDERS
 from supra.checkpoint.openlm import (
@@ -52,12 +55,13 @@ FORMATS = {
           "model.safetensors.index.json + shards, or pytorch_model*.bin",
     "openlm": "a folder with config.json (model_type 'openlm') and pytorch_model.bin or model.safetensors",
     "open_lm_raw": "a .pt/.pth/.bin training checkpoint file, with config= its open_lm model config (JSON path or dict)",
+    "gguf": "a .gguf file (architecture llama or qwen2), or a folder holding exactly one .gguf file",
 }
 PathLike = Union[str, Path]
 
 
 def detect_format(path: PathLike) -> str:
-    """The checkpoint format of ``path``: ``"supra"``, ``"hf"``, ``"openlm"`` or ``"open_lm_raw"``.
+    """The checkpoint format of ``path``: ``"supra"``, ``"hf"``, ``"openlm"``, ``"open_lm_raw"`` or ``"gguf"``.
 
     Raises:
         ValueError: for a path of no known format, listing the formats tried and their files.
@@ -65,11 +69,15 @@ def detect_format(path: PathLike) -> str:
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         return "open_lm_raw"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
     if path.is_dir():
         if (path / SUPRA_CONFIG).exists():
             return "supra"
         if (path / "config.json").exists():
             return "openlm" if read_json(path / "config.json").get("model_type") == "openlm" else "hf"
+        if any(path.glob("*.gguf")):
+            return "gguf"
     tried = "\n  ".join(f"{name}: {needs}" for name, needs in FORMATS.items())
     state = "does not exist" if not path.exists() else "matches no known checkpoint format"
     raise ValueError(f"{path} {state}. Formats tried:\n  {tried}")
@@ -91,11 +99,12 @@ def load_checkpoint(
     that are NaN or infinite are refused, whatever the format.
 
     Args:
-        path: a checkpoint folder or, for ``open_lm_raw``, a file (see ``FORMATS``).
-        dtype (Optional[torch.dtype]): cast floating weights; None keeps the stored dtypes.
+        path: a checkpoint folder or, for ``open_lm_raw`` and ``gguf``, a file (see ``FORMATS``).
+        dtype (Optional[torch.dtype]): cast floating weights; None keeps the stored dtypes
+            (float32 for GGUF files, whose tensors are dequantized).
         device: where the model goes (default CPU).
         config: the open_lm model config (path or dict), for ``open_lm_raw`` checkpoints only.
-        linearize: for softmax (``hf``) checkpoints: True (defaults) or a dict of
+        linearize: for softmax (``hf``, ``gguf``) checkpoints: True (defaults) or a dict of
             ``supra.convert.linearize`` arguments (``{}`` also means defaults) to load them into a
             SUPRA model; its new parameters are initialized (and logged). None or False: as stored.
         verify_checksums (bool): check a supra folder's weight files against the sha256 digests
@@ -116,8 +125,8 @@ def load_checkpoint(
     if config is not None and fmt != "open_lm_raw":
         raise ValueError(f"config= is only for open_lm_raw checkpoint files; {path} is a {fmt!r} checkpoint")
     linearize = None if linearize is False else linearize
-    if linearize is not None and fmt != "hf":
-        raise ValueError(f"linearize= applies to softmax (hf) checkpoints; {path} is a {fmt!r} checkpoint, already SUPRA")
+    if linearize is not None and fmt not in ("hf", "gguf"):
+        raise ValueError(f"linearize= applies to softmax (hf, gguf) checkpoints; {path} is a {fmt!r} checkpoint, already SUPRA")
     linearize_args = {} if linearize is True else dict(linearize or {})
     may_be_missing = []
 
@@ -127,13 +136,20 @@ def load_checkpoint(
             verify_sha256(path, spec.get("sha256", {}), skip_hint="verify_checksums=False (verify_checksums=false)")
         model = build_on_meta(lambda: build_from_spec(spec, source=path / SUPRA_CONFIG))
         tensors, key_map = _folder_tensors(path, transient=dtype is not None), _identity
-    elif fmt == "hf":
-        kwargs = hf_decoder_kwargs(read_json(path / "config.json"))
+    elif fmt in ("hf", "gguf"):
+        if fmt == "hf":
+            kwargs = hf_decoder_kwargs(read_json(path / "config.json"))
+            tensors = _folder_tensors(path, transient=dtype is not None)
+        else:
+            header = read_gguf_header(path)
+            gguf_config = gguf_hf_config(header)
+            kwargs = hf_decoder_kwargs(gguf_config)
+            tensors = gguf_tensors(header, gguf_config)
         model = build_on_meta(lambda: supra.models.supra_decoder(**kwargs))
         if linearize is not None:
             build_on_meta(lambda: linearize_model(model, **linearize_args))
             may_be_missing = new_parameter_names(model)
-        tensors, key_map = _folder_tensors(path, transient=dtype is not None), hf_key_map(kwargs["tie_word_embeddings"])
+        key_map = hf_key_map(kwargs["tie_word_embeddings"])
     else:
         if fmt == "openlm":
             openlm_config = normalize_openlm_config(read_json(path / "config.json"))
