@@ -2,7 +2,7 @@
 passkey retrieval.
 
     supra run eval --config tiny/eval
-    supra run eval --config tiny/eval tasks=[local_copa,local_piqa] local_data=../shared/eval_data limit=20
+    supra run eval --config tiny/eval tasks=[local_copa,local_piqa] local_data=supra:assets/eval_data limit=20
     supra run eval --config mistral_7b/eval checkpoint=checkpoints/mistral-supra
 
 Each part runs when configured: ``tasks`` (lm-eval harness: its own tasks online, local llm-foundry

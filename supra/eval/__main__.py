@@ -1,7 +1,7 @@
 """``python -m supra.eval``: the ``lm_eval`` command with model ``supra`` registered.
 
     python -m supra.eval --model supra --model_args checkpoint=PATH,dtype=bf16 --tasks hellaswag,piqa
-    python -m supra.eval --model supra --model_args checkpoint=PATH --local_data ../shared/eval_data \\
+    python -m supra.eval --model supra --model_args checkpoint=PATH --local_data supra:assets/eval_data \\
         --tasks local_icl
 
 Every ``lm_eval`` option works unchanged. One is added: ``--local_data DIR_OR_FILE`` turns

@@ -25,6 +25,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import yaml
 
+from supra.config import resolve_path
+
+# The eight llm-foundry ICL files shipped with supra (see their README for sources and licenses).
+SHIPPED_DATA = "supra:assets/eval_data"
+
 PathLike = Union[str, Path]
 
 TASK_PREFIX = "local_"
@@ -182,7 +187,7 @@ def task_config(name: str, data_file: PathLike, task: LocalTask) -> Dict[str, An
 def _data_files(data: Union[PathLike, List[PathLike]]) -> Iterator[Path]:
     items = data if isinstance(data, (list, tuple)) else [data]
     for item in items:
-        path = Path(item)
+        path = resolve_path(item)
         if path.is_dir():
             found = sorted(path.glob("*.jsonl"))
             if not found:
@@ -201,7 +206,8 @@ def write_task_yamls(data: Union[PathLike, List[PathLike]], out_dir: PathLike) -
     get its prompt delimiters; any other ``.jsonl`` is recognized by its keys and joined by a space.
 
     Args:
-        data: a folder of ``.jsonl`` files, one file, or a list of either.
+        data: a folder of ``.jsonl`` files, one file, or a list of either (``supra:`` paths name
+            files shipped with supra: ``SHIPPED_DATA`` is the eight reference files).
         out_dir: where the YAMLs go (created); pass it to lm-eval as ``include_path``.
 
     Returns:

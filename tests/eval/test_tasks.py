@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supra.eval.tasks import KNOWN_TASKS, read_icl_file, write_task_yamls
+from supra.config import resolve_path
+
+from supra.eval.tasks import KNOWN_TASKS, SHIPPED_DATA, read_icl_file, write_task_yamls
 
 
 @pytest.mark.parametrize("fmt", ["multiple_choice", "schema", "language_modeling"])
@@ -67,10 +69,11 @@ def test_a_known_file_in_the_wrong_format_is_rejected(tmp_path, write_jsonl, icl
         write_task_yamls(tmp_path / "piqa.jsonl", tmp_path / "out")
 
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "eval_data"
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the real llm-foundry files live outside the repository")
-def test_the_reference_files_are_all_valid_and_in_their_known_formats(tmp_path):
-    written = write_task_yamls(SHARED, tmp_path)
+def test_the_shipped_reference_files_are_all_valid_and_in_their_known_formats(tmp_path):
+    written = write_task_yamls(SHIPPED_DATA, tmp_path)
     assert set(written) >= {f"local_{name}" for name in KNOWN_TASKS}
+    # The README's counts are the files' line counts (an independent record of what ships).
+    readme = (resolve_path(SHIPPED_DATA) / "README.md").read_text()
+    for name in KNOWN_TASKS:
+        lines = sum(1 for _ in open(resolve_path(SHIPPED_DATA) / f"{name}.jsonl"))
+        assert f"| {name}.jsonl |" in readme and f"| {lines} |" in readme
