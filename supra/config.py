@@ -26,17 +26,25 @@ def recipe_root() -> Path:
 
 
 PACKAGE_PREFIX = "supra:"
+# ``model:NAME`` names a pretrained model file that supra.hub fetches once and keeps in its cache.
+MODEL_PREFIX = "model:"
 
 
 def resolve_path(path: Union[str, Path, None]) -> Optional[Path]:
     """A path named in a config. ``supra:REL`` is ``REL`` inside the installed supra package (files
     shipped with it, such as ``supra:assets/tiny_teacher``), found the same way in a checkout and
-    in an installed wheel; any other value is a plain path. None stays None."""
+    in an installed wheel; ``model:NAME`` is a known pretrained model's file in supra's cache
+    (``model:smollm2-135m``; ``supra.hub.download`` fetches and verifies it on first use, then it
+    works offline); any other value is a plain path. None stays None."""
     if path is None:
         return None
     text = str(path)
     if text.startswith(PACKAGE_PREFIX):
         return Path(__file__).resolve().parent / text[len(PACKAGE_PREFIX):]
+    if text.startswith(MODEL_PREFIX):
+        from supra.hub import download
+
+        return download(text[len(MODEL_PREFIX):])
     return Path(text)
 
 

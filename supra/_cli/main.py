@@ -5,6 +5,7 @@
     supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]
     supra convert SRC DST [--to supra|openlm] [--linearize] [--dtype bf16]
     supra tokenize INPUTS... --tokenizer T --out DIR
+    supra download NAME                          fetch a known pretrained model (smollm2-135m) into the cache
     supra lm-eval --model supra --model_args checkpoint=PATH --tasks ...   (lm-evaluation-harness)
 
 With torchrun options (``--nproc-per-node 2``, ``--nnodes``, ``--rdzv-endpoint``, ...) the recipe
@@ -82,6 +83,18 @@ def copy_file(name: str, destination: str) -> None:
     print(f"copied {source} to {target}")
 
 
+def download_model(name: Optional[str], cache_dir: Optional[str]) -> None:
+    """Fetches and verifies a known model into the cache (prints its path), or lists them."""
+    from supra.hub import MODELS, default_cache_dir, download
+
+    if name is None:
+        for known, entry in MODELS.items():
+            print(f"  {known:16s} {entry.description} ({entry.size / 2**20:.0f} MiB; configs: model:{known})")
+        print(f"cache: {cache_dir or default_cache_dir()}")
+        return
+    print(download(name, cache_dir=cache_dir))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # `supra run` passes everything after the recipe name through untouched (torchrun options,
@@ -103,6 +116,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     commands.add_parser("run", help="run a recipe: supra run RECIPE [torchrun options] [--config C] [k=v ...]")
     commands.add_parser("tokenize", help="tokenize text/jsonl/parquet into token shards (supra tokenize --help)")
     commands.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with model 'supra' (supra lm-eval --help)")
+    fetch = commands.add_parser("download", help="fetch a known pretrained model into supra's cache (offline afterwards)")
+    fetch.add_argument("name", nargs="?", help="the model (smollm2-135m); none lists the known ones")
+    fetch.add_argument("--cache-dir", help="the cache folder (default $SUPRA_CACHE/models or ~/.cache/supra/models)")
     cp = commands.add_parser("cp", help="copy a shipped recipe or config to edit")
     cp.add_argument("name", help="a recipe (uptrain) or config (tiny/uptrain): supra ls lists them")
     cp.add_argument("destination")
@@ -121,6 +137,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             convert(parsed)
         except ValueError as error:
             raise SystemExit(f"supra convert: {error}") from error
+    elif parsed.command == "download":
+        try:
+            download_model(parsed.name, parsed.cache_dir)
+        except (ValueError, RuntimeError) as error:
+            raise SystemExit(f"supra download: {error}") from error
     elif parsed.command == "cp":
         try:
             copy_file(parsed.name, parsed.destination)

@@ -10,7 +10,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -37,13 +37,13 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_sha256(folder: Path, recorded: Dict[str, str], skip_hint: str) -> None:
+def verify_sha256(folder: Path, recorded: Dict[str, str], skip_hint: Optional[str] = None) -> None:
     """Checks the files of ``folder`` against the sha256 digests recorded when they were written.
 
     Args:
         folder: where the files are.
         recorded: file name (relative to ``folder``) -> hex sha256.
-        skip_hint: how to load without this check, for the message.
+        skip_hint: how to load without this check, for the message; None when it cannot be skipped.
 
     Raises:
         ValueError: naming the first file that is missing or whose bytes changed.
@@ -57,7 +57,7 @@ def verify_sha256(folder: Path, recorded: Dict[str, str], skip_hint: str) -> Non
             raise ValueError(
                 f"{file} does not match the checksum recorded when it was saved (sha256 {digest[:16]}..., now "
                 f"{actual[:16]}...): it is damaged (flipped bits, a partial copy). Copy it again from its source "
-                f"or use an earlier checkpoint; {skip_hint} skips this check"
+                f"or use an earlier checkpoint" + (f"; {skip_hint} skips this check" if skip_hint else "")
             )
 
 
