@@ -7,12 +7,19 @@ One process on a CPU, many GPUs, or many nodes (torchrun): FSDP2 shards every bl
 is more than one process. The config keys and their defaults are ``DEFAULTS`` below.
 """
 
+import contextlib
+import errno
+import fcntl
 import itertools
+import json
 import logging
 import math
+import os
 import random
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from supra.checkpoint import build_from_spec, load_checkpoint, save_checkpoint
-from supra.checkpoint._io import iter_tensors, weight_files
+from supra.checkpoint import SUPRA_CONFIG, build_from_spec, load_checkpoint, save_checkpoint
+from supra.checkpoint._io import iter_tensors, read_json, sha256_file, verify_sha256, weight_files
 from supra.config import Rule, parse_recipe_args, resolve_path, to_dict
 from supra.loading import DTYPES
 from supra.convert import linearize, new_parameter_names
@@ -125,6 +132,14 @@ RULES: Dict[str, Rule] = {
     "metric_logger.tensorboard_dir": Rule(str, nullable=True),
     "collective_timeout_s": Rule(float, low=0, low_open=True),
 }
+# Keys a resumed run may change (dotted prefixes): they decide how long, how often and where the
+# run logs, evaluates and saves, not what it trains. Any other change is refused on resume.
+SAFE_TO_CHANGE_ON_RESUME = (
+    "output_dir", "device", "resume", "max_steps", "stop_after_n_steps", "log_every_n_steps", "eval_every_n_steps",
+    "eval_batches", "eval_before_training", "data.heldout_path", "data.num_workers", "save_every_n_steps",
+    "keep_last_n_checkpoints", "metric_logger", "compile", "activation_checkpointing", "fsdp", "collective_timeout_s",
+)
+MANIFEST = "sha256.json"
 # Tokenizer files a checkpoint folder may carry (the generate recipe looks for them there).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 TEACHER_LABEL = "teacher (softmax)"
@@ -135,7 +150,7 @@ class UptrainRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(timeout_s=cfg.collective_timeout_s)
         if cfg.device != "auto":
             self.device = torch.device(cfg.device)
         self.output_dir = Path(cfg.output_dir)
@@ -144,12 +159,18 @@ class UptrainRecipe:
         self.heldout_losses: List["tuple[str, float]"] = []
         self.heldout_tokens = 0
         self.last_saved: Optional[Path] = None
+        # The newest checkpoint whose weights no loss has been computed from yet: it is called good
+        # (and older ones pruned) only once the next step's loss is finite.
+        self.unconfirmed: Optional[Path] = None
+        self.lock = None
 
     # ----- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
         """Validates everything that can fail, then builds model, data, optimizer and loggers."""
         cfg = self.cfg
         self._validate()
+        self._lock_output_dir()
+        resume_from = self._resume_checkpoint() if cfg.resume else None
         _seed_everything(cfg.seed)
         self.train_data = self._dataset("train")
         needs_heldout = cfg.eval_every_n_steps or cfg.eval_before_training
@@ -187,8 +208,8 @@ class UptrainRecipe:
             seed=cfg.seed, num_workers=cfg.data.num_workers,
         )
         self.batches = InfiniteLoader(self.loader)
-        if cfg.resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         self.metrics = MetricLogger(
             self.output_dir, rank=self.rank, tensorboard_dir=cfg.metric_logger.tensorboard_dir,
             wandb=to_dict(cfg.metric_logger)["wandb"],
@@ -310,7 +331,11 @@ class UptrainRecipe:
         while self.step < last_step:
             if self.freeze is not None:
                 self.freeze.step(self.step)
-            metrics = self._train_step()
+            with self._naming_timeouts():
+                metrics = self._train_step()
+            if self.unconfirmed is not None:
+                # The newest checkpoint's weights gave a finite loss: it is good, older ones may go.
+                self._prune_checkpoints()
             self.step += 1
             done = self.step == cfg.max_steps
             log_now = self.step % cfg.log_every_n_steps == 0 or done
@@ -325,8 +350,26 @@ class UptrainRecipe:
                 self.metrics.log(self.step, metrics)
                 bar.update(self.step, metrics)
             if self.step % cfg.save_every_n_steps == 0 or self.step == last_step:
-                self.save_checkpoint()
+                with self._naming_timeouts():
+                    self.save_checkpoint()
+        if self.unconfirmed is not None:
+            # No next step in this run; a resumed run checks it with its first loss.
+            self._prune_checkpoints()
         bar.close()
+
+    @contextlib.contextmanager
+    def _naming_timeouts(self):
+        """Turns a collective that timed out into an error naming this rank and the step."""
+        try:
+            yield
+        except RuntimeError as error:
+            if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+                raise
+            raise RuntimeError(
+                f"rank {self.rank}: a collective operation timed out after collective_timeout_s="
+                f"{self.cfg.collective_timeout_s} s at step {self.step + 1}: another process stopped, hangs or "
+                f"died. Its own log says why; resume=true continues from the last checkpoint"
+            ) from error
 
     def _train_step(self) -> Dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches, the loss normalized
@@ -353,8 +396,8 @@ class UptrainRecipe:
             if not math.isfinite(value):
                 # Checked before the update: non-finite gradients never reach the weights.
                 raise FloatingPointError(
-                    f"{name} is {value} at step {self.step + 1}; stopping without saving (the last good checkpoint "
-                    f"in {self.output_dir / 'checkpoints'} is intact). Lower the learning rate or check the data."
+                    f"{name} is {value} at step {self.step + 1}; stopping without saving. {self._set_aside_diverged()}"
+                    f"{self._last_good()} Lower the learning rate or check the data."
                 )
         # The learning rates this step used (read before the scheduler moves them).
         lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
@@ -426,26 +469,83 @@ class UptrainRecipe:
         final = root / f"step_{self.step:07d}"
         staging = root / f".step_{self.step:07d}.partial"
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-            save_checkpoint(_unwrapped(self.model), staging / "model", state_dict=full)
-            for name, source in self.tokenizer_files.items():
-                shutil.copyfile(source, staging / "model" / name)
-        _barrier()
-        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(staging / "optimizer"))
-        torch.save(self._trainer_state(), staging / f"trainer_rank{self.rank}.pt")
-        _barrier()
+        non_finite = _broadcast([n for n, t in full.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())])
+        if non_finite:
+            raise FloatingPointError(
+                f"the weights after step {self.step} hold NaN or infinite values ({', '.join(non_finite[:5])}); not "
+                f"saving them. {self._last_good()} Lower the learning rate or check the data."
+            )
+        try:
+            if self.rank == 0:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+                save_checkpoint(_unwrapped(self.model), staging / "model", state_dict=full)
+                for name, source in self.tokenizer_files.items():
+                    shutil.copyfile(source, staging / "model" / name)
+                # The config that trained these weights: a resumed run is compared with it.
+                OmegaConf.save(self.cfg, staging / "config.yaml")
+            _barrier()
+            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(staging / "optimizer"))
+            torch.save(self._trainer_state(), staging / f"trainer_rank{self.rank}.pt")
+            _barrier()
+            self._write_manifest(staging)
+        except (OSError, RuntimeError) as error:
+            if not _disk_full(error):
+                raise
+            raise OSError(
+                f"saving the checkpoint of step {self.step} failed: the disk is full "
+                f"({shutil.disk_usage(root).free / 2**20:.0f} MiB free on the filesystem of {root}). The partial folder "
+                f"{staging} can be deleted (resume ignores it). {self._last_good()} Free space, or lower "
+                "keep_last_n_checkpoints, then continue with resume=true"
+            ) from error
         if self.rank == 0:
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
-            for old in _complete_checkpoints(root)[: -self.cfg.keep_last_n_checkpoints or None]:
-                shutil.rmtree(old)
             logger.info("saved %s", final)
+        self.unconfirmed = final
         self.last_saved = final / "model"
         _barrier()
+
+    def _write_manifest(self, staging: Path) -> None:
+        """``sha256.json``: the sha256 of every file of the checkpoint, verified on resume. The model's
+        weight files reuse the digests ``save_checkpoint`` recorded; the rest are hashed by all ranks,
+        each a share."""
+        recorded = {f"model/{name}": digest for name, digest in read_json(staging / "model" / SUPRA_CONFIG)["sha256"].items()}
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        todo = [name for name in files if name not in recorded]
+        for part in _all_gather({name: sha256_file(staging / name) for name in todo[self.rank::self.world_size]}):
+            recorded.update(part)
+        if self.rank == 0:
+            (staging / MANIFEST).write_text(json.dumps(recorded, indent=1, sort_keys=True))
+        _barrier()
+
+    def _prune_checkpoints(self) -> None:
+        """Deletes all but the newest ``keep_last_n_checkpoints`` complete checkpoints."""
+        if self.rank == 0:
+            for old in _complete_checkpoints(self.output_dir / "checkpoints")[: -self.cfg.keep_last_n_checkpoints]:
+                shutil.rmtree(old)
+        self.unconfirmed = None
+
+    def _set_aside_diverged(self) -> str:
+        """Renames the newest checkpoint, whose weights just gave a non-finite loss, out of resume's
+        way (``.step_N.diverged``); returns the sentence saying so ("" when there is none)."""
+        if self.unconfirmed is None:
+            return ""
+        diverged = self.unconfirmed.parent / f".{self.unconfirmed.name}.diverged"
+        if self.rank == 0:
+            self.unconfirmed.rename(diverged)
+        self.unconfirmed = None
+        return f"The checkpoint saved after step {self.step} holds the weights that gave it: moved to {diverged}. "
+
+    def _last_good(self) -> str:
+        """Where the last good checkpoint is, as a sentence for error messages."""
+        root = self.output_dir / "checkpoints"
+        good = [p for p in _complete_checkpoints(root) if p != self.unconfirmed]
+        if not good:
+            return f"There is no good checkpoint in {root}."
+        return f"The last good checkpoint, {good[-1]}, is intact."
 
     def _trainer_state(self) -> Dict[str, Any]:
         return {
@@ -457,18 +557,107 @@ class UptrainRecipe:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
-    def _resume(self) -> None:
-        checkpoints = _complete_checkpoints(self.output_dir / "checkpoints")
+    def _lock_output_dir(self) -> None:
+        """Holds an flock on ``output_dir/.lock`` for the whole run, so a second run on the same folder
+        is refused; the kernel releases it when the process ends, however it ends."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.lock = _lock(self.output_dir)
+            except ValueError as refused:
+                error = str(refused)
+        error = _broadcast(error)
+        if error is not None:
+            raise ValueError(error)
+
+    def _resume_checkpoint(self) -> Optional[Path]:
+        """The newest intact checkpoint (falling back past damaged ones, with a warning naming the
+        damaged file), once this run's config is checked against the one that trained it.
+
+        Raises:
+            ValueError: when every checkpoint is damaged, the config changed in keys that are not
+                ``SAFE_TO_CHANGE_ON_RESUME``, or ``max_steps`` is below the checkpoint's step.
+        """
+        root = self.output_dir / "checkpoints"
+        checkpoints = _complete_checkpoints(root)
         if not checkpoints:
-            logger.warning("resume=true but %s has no complete checkpoint: starting from step 0", self.output_dir)
-            return
-        latest = checkpoints[-1]
-        weights = dict(t for f in weight_files(latest / "model") for t in iter_tensors(f))
+            if self.rank == 0:
+                logger.warning("resume=true but %s has no complete checkpoint: starting from step 0", self.output_dir)
+            return None
+        damaged = []
+        for checkpoint in reversed(checkpoints):
+            problem = self._damage(checkpoint)
+            if problem is None:
+                break
+            # Set aside, so that neither pruning (which keeps the newest) nor generate picks it.
+            aside = root / f".{checkpoint.name}.damaged"
+            damaged.append(f"{problem} (moved to {aside})")
+            if self.rank == 0:
+                checkpoint.rename(aside)
+                logger.warning("checkpoint %s is damaged, moved to %s; falling back to the one before: %s",
+                               checkpoint, aside, problem)
+        else:
+            raise ValueError(
+                f"resume=true but no checkpoint in {root} is intact:\n  " + "\n  ".join(damaged) + "\nSet "
+                "resume=false to start again from step 0"
+            )
+        _barrier()
+        self._check_config_against(checkpoint)
+        return checkpoint
+
+    def _damage(self, checkpoint: Path) -> Optional[str]:
+        """What is wrong with a checkpoint's files (checked against its ``sha256.json``, each rank a
+        share), or None when they are intact."""
+        manifest = checkpoint / MANIFEST
+        if not manifest.is_file():
+            return f"{manifest} is missing (a checkpoint saved by a supra older than its checksums, or damaged)"
+        problem = None
+        try:
+            recorded = read_json(manifest)
+            for name in sorted(recorded)[self.rank::self.world_size]:
+                verify_sha256(checkpoint, {name: recorded[name]})
+        except ValueError as error:
+            problem = str(error)
+        return next((p for p in _all_gather(problem) if p is not None), None)
+
+    def _check_config_against(self, checkpoint: Path) -> None:
+        """Refuses a resumed run whose config changes what the checkpoint trained (model, data,
+        optimization); logs the safe changes."""
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(checkpoint / "config.yaml"), resolve=True))
+        current = _flatten(to_dict(self.cfg))
+        changed = {k: (saved.get(k, "unset"), current.get(k, "unset")) for k in sorted(saved.keys() | current.keys())
+                   if saved.get(k, "unset") != current.get(k, "unset")}
+        safe = {k: v for k, v in changed.items() if any(k == p or k.startswith(p + ".") for p in SAFE_TO_CHANGE_ON_RESUME)}
+        refused = {k: v for k, v in changed.items() if k not in safe}
+        if refused:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise ValueError(
+                f"resume=true, but this config differs from the one that trained {checkpoint} ({checkpoint}/config.yaml) "
+                f"in keys that change the model, the data or the optimization: {listed}. Set them back to continue "
+                f"this run, or start a new run in another output_dir (model.checkpoint={checkpoint / 'model'} starts "
+                "it from these weights)"
+            )
+        step = int(checkpoint.name.removeprefix("step_"))
+        if self.cfg.max_steps < step:
+            raise ValueError(
+                f"max_steps={self.cfg.max_steps} is below the step of the checkpoint to resume, {step} ({checkpoint}): "
+                f"there is nothing to train. Set max_steps above {step} to train further, or use {checkpoint / 'model'} "
+                "as it is"
+            )
+        if safe and self.rank == 0:
+            logger.info("resume: changed since %s (safe to change): %s", checkpoint.name,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in safe.items()))
+            if "max_steps" in safe:
+                logger.info("resume: the learning rate now follows the schedule that ends at max_steps=%d",
+                            self.cfg.max_steps)
+
+    def _resume(self, checkpoint: Path) -> None:
+        weights = dict(t for f in weight_files(checkpoint / "model") for t in iter_tensors(f))
         set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
         optimizer_state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        dcp.load(optimizer_state, checkpoint_id=str(latest / "optimizer"))
+        dcp.load(optimizer_state, checkpoint_id=str(checkpoint / "optimizer"))
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state["optimizer"])
-        state = torch.load(latest / f"trainer_rank{self.rank}.pt", weights_only=False)
+        state = torch.load(checkpoint / f"trainer_rank{self.rank}.pt", weights_only=False)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["loader"])
@@ -479,11 +668,17 @@ class UptrainRecipe:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # Its weights have given no loss yet: the first step decides whether it is good.
+        self.unconfirmed = checkpoint
         if self.rank == 0:
-            logger.info("resumed from %s (step %d)", latest, self.step)
+            logger.info("resumed from %s (step %d)", checkpoint, self.step)
 
     def cleanup(self) -> None:
-        self.metrics.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -491,6 +686,59 @@ class UptrainRecipe:
 def _complete_checkpoints(root: Path) -> List[Path]:
     """Renamed (complete) step folders, oldest first; partial ones start with a dot."""
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
+
+
+def _lock(output_dir: Path):
+    """An exclusive flock on ``output_dir/.lock`` (the open file holding it), naming its holder.
+
+    Raises:
+        ValueError: when another live run holds it, or the folder cannot be written.
+    """
+    path = output_dir / ".lock"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"cannot write to output_dir {output_dir}: {error.strerror} ({error.filename}); choose a "
+                         "writable folder") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise ValueError(
+            f"output_dir {output_dir} is in use by another run ({holder}; lock {path}): wait for it to end, or choose "
+            "another output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Dotted key -> value, for every leaf of a nested config."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the disk is full: ENOSPC / EDQUOT, or the
+    words torch's and safetensors' writers use."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(error) for words in ("No space left on device", "file write failed", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -520,6 +768,24 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _all_gather(value: Any) -> List[Any]:
+    """Every rank's ``value`` (picklable), in rank order; [value] in one process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` (picklable), on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def recipe_main(cfg: DictConfig) -> None:
     """Runs the whole recipe on a parsed config."""
     recipe = UptrainRecipe(cfg)
@@ -529,8 +795,7 @@ def recipe_main(cfg: DictConfig) -> None:
         if recipe.rank == 0:
             print(recipe.summary(), flush=True)
     finally:
-        if hasattr(recipe, "metrics"):
-            recipe.cleanup()
+        recipe.cleanup()
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
@@ -540,7 +805,7 @@ def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     try:
-        config = parse_args()
-    except ValueError as error:
+        recipe_main(parse_args())
+    except (ValueError, FloatingPointError, OSError) as error:
+        # These messages say what happened and what to do; a traceback would bury them.
         raise SystemExit(f"uptrain: {error}") from error
-    recipe_main(config)

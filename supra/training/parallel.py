@@ -1,8 +1,12 @@
 """Parallelism and compilation as small ordered functions (torchtitan's order):
 activation checkpointing -> per-block torch.compile -> FSDP2 per block, then the root."""
 
+import ctypes
+import datetime
 import logging
 import os
+import signal
+import sys
 from typing import Optional
 
 import torch
@@ -13,10 +17,17 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 logger = logging.getLogger(__name__)
+# prctl option: the signal this process gets when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
-def init_distributed() -> "tuple[int, int, torch.device]":
-    """Joins the process group when launched by torchrun (NCCL on GPU, gloo on CPU).
+def init_distributed(timeout_s: Optional[float] = None) -> "tuple[int, int, torch.device]":
+    """Joins the process group when launched by torchrun (NCCL on GPU, gloo on CPU), and asks for
+    this worker to be killed when its launcher dies (``die_with_parent``).
+
+    Args:
+        timeout_s (Optional[float]): how long a collective waits for the other processes before it
+            fails; None keeps torch's default.
 
     Returns:
         (rank, world_size, device): (0, 1, the default device) without torchrun.
@@ -28,8 +39,22 @@ def init_distributed() -> "tuple[int, int, torch.device]":
         torch.cuda.set_device(device)
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    die_with_parent()
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def die_with_parent() -> None:
+    """Has Linux SIGKILL this process when its parent (torchrun's agent) dies, however it dies:
+    torchrun starts its workers in sessions of their own, so without this a killed launcher leaves
+    them training on their own. Does nothing on other systems."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A parent that died before the request has already handed this process to init.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -164,10 +164,12 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
     # An absurd learning rate blows the weights up after the first update.
     config = _config(tmp_path, "max_steps=6", "save_every_n_steps=1", "optimizer.lr=1e30", "optimizer.new_lr=1e30",
                      "scheduler.warmup_steps=0", "clip_grad_norm=null")
-    with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step 2; stopping without saving"):
+    with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step 2; stopping without saving. "
+                                                r"The checkpoint saved after step 1 holds the weights that gave it: moved "
+                                                r"to .*\.step_0000001\.diverged. There is no good checkpoint in"):
         RECIPE["recipe_main"](config)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert saved == ["step_0000001"]
+    assert saved == [".step_0000001.diverged"]
 
 
 def test_tokenize_command_writes_shards_the_recipe_trains_on(tmp_path):
@@ -228,3 +230,155 @@ def test_every_checkpoint_carries_the_data_tokenizer(tmp_path):
     from supra.data import load_tokenizer
 
     assert load_tokenizer(saved).vocab_size == 4096
+
+
+def _checkpoints(output_dir):
+    return sorted(p.name for p in (Path(output_dir) / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A run stopped after 4 of 6 steps, checkpoints at 2 and 4, and the uninterrupted run's losses."""
+    root = tmp_path_factory.mktemp("four_steps")
+    common = ["max_steps=6", "save_every_n_steps=2", "keep_last_n_checkpoints=2"]
+    RECIPE["recipe_main"](_config(root / "straight", *common))
+    RECIPE["recipe_main"](_config(root / "stopped", *common, "stop_after_n_steps=4"))
+    return root, common, _losses(root / "straight")
+
+
+def _copy_of_stopped(four_steps, tmp_path):
+    import shutil
+
+    root, common, straight = four_steps
+    shutil.copytree(root / "stopped", tmp_path / "run")
+    return tmp_path / "run", common, straight
+
+
+def test_every_checkpoint_records_the_sha256_of_each_of_its_files(four_steps):
+    import hashlib
+
+    checkpoint = four_steps[0] / "stopped" / "checkpoints" / "step_0000004"
+    manifest = json.loads((checkpoint / "sha256.json").read_text())
+    files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != "sha256.json")
+    assert sorted(manifest) == files and "config.yaml" in files and "trainer_rank0.pt" in files
+    for name, digest in manifest.items():
+        assert hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("optimizer.lr=2e-3", "optimizer.lr: 0.001 -> 0.002"),
+        ("batch_size=2", "batch_size: 4 -> 2"),
+        ("data.seq_len=32", "data.seq_len: 64 -> 32"),
+        ("linearize.qk_norm=true", "linearize.qk_norm: False -> True"),
+    ],
+)
+def test_resume_refuses_changes_to_the_model_data_or_optimization_listing_them(four_steps, tmp_path, override, shown):
+    run, common, _ = _copy_of_stopped(four_steps, tmp_path)
+    with pytest.raises(ValueError, match=rf"resume=true, but this config differs from the one that trained .*step_0000004 "
+                                         rf".*in keys that change the model, the data or the optimization: {re.escape(shown)}\. "
+                                         "Set them back"):
+        RECIPE["recipe_main"](_config(run, *common, "resume=true", override))
+
+
+def test_resume_with_max_steps_below_the_checkpoint_step_is_an_error(four_steps, tmp_path):
+    run, common, _ = _copy_of_stopped(four_steps, tmp_path)
+    with pytest.raises(ValueError, match="max_steps=3 is below the step of the checkpoint to resume, 4 .* nothing to train"):
+        RECIPE["recipe_main"](_config(run, *common, "resume=true", "max_steps=3"))
+
+
+def test_resume_allows_and_logs_safe_changes(four_steps, tmp_path, caplog):
+    run, common, straight = _copy_of_stopped(four_steps, tmp_path)
+    with caplog.at_level("INFO", logger="supra.uptrain"):
+        RECIPE["recipe_main"](_config(run, *common, "resume=true", "max_steps=7", "log_every_n_steps=2",
+                                      "keep_last_n_checkpoints=1"))
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "resume: changed since step_0000004 (safe to change): " in logged
+    assert "log_every_n_steps 1 -> 2" in logged and "max_steps 6 -> 7" in logged
+    assert sorted(_losses(run)) == [1, 2, 3, 4, 6, 7]
+    assert _checkpoints(run) == ["step_0000007"]
+
+
+@pytest.mark.parametrize("damage", ["truncate trainer state", "truncate optimizer shard", "flip a weight byte"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_naming_the_file(four_steps, tmp_path, caplog, damage):
+    run, common, straight = _copy_of_stopped(four_steps, tmp_path)
+    latest = run / "checkpoints" / "step_0000004"
+    file = {"truncate trainer state": latest / "trainer_rank0.pt",
+            "truncate optimizer shard": next((latest / "optimizer").glob("*.distcp")),
+            "flip a weight byte": latest / "model" / "model.safetensors"}[damage]
+    data = bytearray(file.read_bytes())
+    if damage.startswith("truncate"):
+        data = data[: len(data) // 2]
+    else:
+        data[-3] ^= 0x10
+    file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="supra.uptrain"):
+        RECIPE["recipe_main"](_config(run, *common, "resume=true"))
+    warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
+    assert str(file) in warning and ".step_0000004.damaged" in warning
+    # Resumed from step 2: steps 3 to 6 again, with the uninterrupted run's losses.
+    assert _losses(run) == straight
+
+
+def test_resume_fails_naming_the_files_when_every_checkpoint_is_damaged(four_steps, tmp_path):
+    run, common, _ = _copy_of_stopped(four_steps, tmp_path)
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:07d}" / "trainer_rank0.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* is intact:\n  .*step_0000004/trainer_rank0.pt does not "
+                                         r"match the checksum.*\n  .*step_0000002/trainer_rank0.pt"):
+        RECIPE["recipe_main"](_config(run, *common, "resume=true"))
+
+
+def test_a_checkpoint_is_not_called_good_when_its_weights_give_a_non_finite_loss(tmp_path):
+    # The issue's case: lr=100 leaves finite weights after step 1 (saved) whose logits are not finite.
+    config = _config(tmp_path, "max_steps=4", "save_every_n_steps=1", "keep_last_n_checkpoints=1", "optimizer.lr=100",
+                     "optimizer.new_lr=100", "scheduler.warmup_steps=0")
+    with pytest.raises(FloatingPointError, match="holds the weights that gave it: moved to") as raised:
+        RECIPE["recipe_main"](config)
+    step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
+    names = _checkpoints(tmp_path)
+    assert f".step_{step - 1:07d}.diverged" in names
+    good = [n for n in names if n.startswith("step_")]
+    # The one before the diverged checkpoint was kept (pruning waits for the next finite loss).
+    assert good == ([f"step_{step - 2:07d}"] if step > 2 else [])
+    assert ("is intact" if good else "There is no good checkpoint") in str(raised.value)
+
+
+def test_a_full_disk_at_save_says_so_naming_the_path_and_the_intact_checkpoint(tmp_path, monkeypatch):
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step_0000004" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"saving the checkpoint of step 4 failed: the disk is full \(.* MiB free on the "
+                                      rf"filesystem of {re.escape(str(tmp_path / 'checkpoints'))}\).*The last good "
+                                      r"checkpoint, .*step_0000002, is intact"):
+        RECIPE["recipe_main"](_config(tmp_path, "max_steps=4", "save_every_n_steps=2"))
+    monkeypatch.setattr(torch, "save", save)
+    assert "step_0000002" in _checkpoints(tmp_path)
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=4", "save_every_n_steps=2", "resume=true"))
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_a_second_live_run_on_the_same_output_dir_is_refused_and_a_dead_one_holds_nothing(tmp_path):
+    first = _setup(_config(tmp_path, "max_steps=1"))
+    with pytest.raises(ValueError, match=rf"output_dir {re.escape(str(tmp_path))} is in use by another run \(pid "
+                                         rf"{os.getpid()} on .*; lock .*\.lock\)"):
+        _setup(_config(tmp_path, "max_steps=1"))
+    first.cleanup()
+    # A run killed with -9 leaves its lock file, but no lock: the kernel released it.
+    killed = subprocess.run([sys.executable, "-c", f"import fcntl, os; f = open({str(tmp_path / '.lock')!r}, 'a'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); os.kill(os.getpid(), 9)"])
+    assert killed.returncode == -9 and (tmp_path / ".lock").exists()
+    _setup(_config(tmp_path, "max_steps=1")).cleanup()
+
+
+def test_an_unwritable_output_dir_names_the_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=rf"cannot write to output_dir {re.escape(str(tmp_path / 'file' / 'run'))}: "):
+        _setup(_config(tmp_path / "file" / "run"))
