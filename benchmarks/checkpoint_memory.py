@@ -62,7 +62,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--shard-size-gb", type=float, default=5.0,
         help="safetensors shard size in GB (default 5: save_checkpoint's default, so ~1B fp32 is one file)",
     )
-    parser.add_argument("--dir", help="parent folder of the temporary checkpoints (default: the system temp dir)")
+    parser.add_argument(
+        "--dir", help="parent folder of the temporary checkpoints, created if missing (default: the system temp dir)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (their folder is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the workers")
     parser.add_argument("--worker", choices=("generate", "load", "naive"), help=argparse.SUPPRESS)
@@ -269,6 +271,8 @@ def main(args: argparse.Namespace) -> None:
     kwargs = model_kwargs(args.params_billion)
     params = count_parameters(kwargs)
     parent = Path(args.dir or tempfile.gettempdir())
+    # The free-space check below needs the folder to exist.
+    parent.mkdir(parents=True, exist_ok=True)
     dtype = choose_dtype(args, parent, params, args.formats)
     root = Path(tempfile.mkdtemp(prefix="supra-checkpoint-memory-", dir=parent))
     shape = json.dumps(kwargs)

@@ -13,9 +13,9 @@ runs under ``torch.distributed.run``; without them, in this process.
 """
 
 import argparse
+import os
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -23,19 +23,41 @@ from typing import List, Optional
 
 from supra.config import find_config, list_configs, list_recipes, split_launcher_args
 
+def run_usage(recipes: dict) -> str:
+    """The help text of ``supra run``: its arguments and the recipes it can run."""
+    lines = [
+        "usage: supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]",
+        "",
+        "recipes: " + (", ".join(recipes) or "none"),
+        "",
+        "  --config CONFIG    a shipped config (tiny/uptrain; supra ls lists them) or a YAML file",
+        "  key=value          override a config key (dotted for sections, the value parsed as YAML)",
+        "  torchrun options   --nproc-per-node, --nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint,",
+        "                     --rdzv-id, --master-addr, --master-port, --max-restarts, --standalone:",
+        "                     run the recipe under torch.distributed.run",
+    ]
+    return "\n".join(lines)
+
+
 def run_recipe(name: str, args: List[str]) -> None:
     """Runs recipe ``name`` with ``args``, under torchrun when launcher options are present.
 
     Scripts run by path: torchtune installs a top-level ``recipes`` package that would shadow ours.
     """
     recipes = list_recipes()
+    if name in ("-h", "--help"):
+        print(run_usage(recipes))
+        return
     if name not in recipes:
         raise SystemExit(f"supra: no recipe named {name!r}; available: {', '.join(recipes) or 'none'}")
     launcher, recipe_args = split_launcher_args(args)
     script = str(recipes[name])
     if launcher:
         command = [sys.executable, "-m", "torch.distributed.run", *launcher, script, *recipe_args]
-        raise SystemExit(subprocess.call(command))
+        sys.stdout.flush()
+        # This process becomes torchrun, so a signal to the launcher reaches torchrun itself, and its
+        # workers die with it (init_distributed asks Linux for a parent-death signal).
+        os.execv(sys.executable, command)
     sys.argv = [script, *recipe_args]
     runpy.run_path(script, run_name="__main__")
 

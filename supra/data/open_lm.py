@@ -1,6 +1,6 @@
 """open_lm's pretokenized webdataset, read directly (tarfile, gzip and json only).
 
-Layout (SUPRA.md section 4)::
+Layout (docs/method.md, the published checkpoint layout)::
 
     manifest.jsonl      {"shard": "shard_00000000", "num_sequences": 8192} per line
     shard_00000000.tar  samples "<key>.json.gz" (gzip'd JSON list of seq_len + 1 token ids) or

@@ -1,11 +1,12 @@
 """An independent float64 model of the reference (linear_open_lm) SUPRA decoder, and checkpoint writers.
 
-Everything here is written from SUPRA.md (sections 1, 2 and 4) and the open_lm conventions it
-names, without importing the library, so the loader's tests compare it with a second implementation
-rather than with itself. The model is plain functions over a state dict in the reference's key names;
-the writers produce tiny checkpoints in the two formats the reference ships: HF "openlm" folders
-(config.json + pytorch_model.bin or model.safetensors, keys prefixed "model.") and raw open_lm
-training checkpoints (torch.save of {"state_dict", "epoch", "optimizer", ...}) with a model JSON.
+Everything here is written from docs/method.md (one layer, the decay slopes, the published checkpoint
+layout) and the open_lm conventions it names, without importing the library, so the loader's tests
+compare it with a second implementation rather than with itself. The model is plain functions over a
+state dict in the reference's key names; the writers produce tiny checkpoints in the two formats the
+reference ships: HF "openlm" folders (config.json + pytorch_model.bin or model.safetensors, keys
+prefixed "model.") and raw open_lm training checkpoints (torch.save of {"state_dict", "epoch",
+"optimizer", ...}) with a model JSON.
 """
 
 import json
@@ -40,7 +41,7 @@ _GROUP_NORM_EPS = 1e-5
 
 
 def make_openlm_config(**overrides):
-    """A tiny HF "openlm" config.json dict with the keys of SUPRA.md section 4.
+    """A tiny HF "openlm" config.json dict with the keys of the published layout (docs/method.md).
 
     Args:
         **overrides: keys to replace or add. When ``dim`` or ``n_heads`` change and ``qk_head_dim``
@@ -173,7 +174,7 @@ def _alibi_slopes(num_heads):
 
 
 def reference_slopes(config):
-    """Per-head decay slopes s_h (gamma_h = exp(-s_h)) as a float64 tensor [H], SUPRA.md section 2."""
+    """Per-head decay slopes s_h (gamma_h = exp(-s_h)) as a float64 tensor [H], docs/method.md."""
     heads = config["n_heads"]
     if not config.get("use_decay", True):
         return torch.zeros(heads, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Loading reference (linear_open_lm) SUPRA checkpoints: logits against an independent float64 model.
 
-``openlm_reference`` (beside this file) re-implements the reference decoder from SUPRA.md without
+``openlm_reference`` (beside this file) re-implements the reference decoder from docs/method.md without
 the library and writes tiny checkpoints in the reference's formats: HF "openlm" folders
 (pytorch_model.bin or model.safetensors) and raw open_lm training checkpoints with a model JSON.
 Every test loads one with ``supra.checkpoint.load_checkpoint`` and compares logits with the float64

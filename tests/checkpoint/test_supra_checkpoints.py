@@ -404,7 +404,7 @@ def test_export_openlm_layout(tmp_path):
     assert (config["use_decay"], config["use_retnet_slopes"], config["norm_type"]) == (True, False, "rms_norm")
 
     state = torch.load(tmp_path / "openlm" / "pytorch_model.bin", weights_only=True)
-    # The published layout (SUPRA.md section 4).
+    # The published layout (docs/method.md).
     per_layer = ["attention.in_proj.weight", "attention.out_proj.weight", "attention._totrain_embed.weight",
                  "attention._totrain_embed.bias", "attention._totrain_embed_kv.weight",
                  "attention._totrain_embed_kv.bias", "attention._totrain_q_norm.weight",

@@ -1,4 +1,4 @@
-"""Tests of the decay slopes against SUPRA.md section 2, each rule rewritten here from its text.
+"""Tests of the decay slopes against docs/method.md (decay slopes), each rule rewritten here from its text.
 
 The expected values are computed in this file (plain Python floats, float64) without calling the
 library: the ALiBi rule as the ALiBi paper's code states it, RetNet from gamma_h = 1 - 2^(-5-h).

@@ -49,6 +49,13 @@ def test_unknown_recipe_names_the_available_ones():
         main(["run", "nope"])
 
 
+def test_run_help_prints_the_usage_and_the_recipes(capsys):
+    main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: supra run RECIPE") and "--config CONFIG" in out and "--nproc-per-node" in out
+    assert all(name in out for name in find_recipes())
+
+
 def test_ls_lists_shipped_configs_and_cp_copies_one(tmp_path, capsys):
     from supra.config import find_config
 
