@@ -382,3 +382,128 @@ def test_an_unwritable_output_dir_names_the_path(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=rf"cannot write to output_dir {re.escape(str(tmp_path / 'file' / 'run'))}: "):
         _setup(_config(tmp_path / "file" / "run"))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(output_dir, *overrides, log):
+    """``supra run uptrain --nproc-per-node 2`` in a session of its own, as a shell would start it."""
+    from supra.data.python_docs import prepare_python_docs
+
+    # Written here once, so that rank 0 does not keep rank 1 waiting at the first barrier.
+    prepare_python_docs(Path(output_dir) / "data")
+    command = [sys.executable, "-m", "supra._cli.main", "run", "uptrain", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "--config", "tiny/uptrain", *SMALL, "batch_size=2", f"output_dir={output_dir}", *overrides]
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _workers(launcher_pid):
+    """The live processes below ``launcher_pid`` that run the recipe."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [launcher_pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return [pid for pid in found if _alive(pid) and b"uptrain.py" in _read(f"/proc/{pid}/cmdline")]
+
+
+def _read(path):
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid):
+    """Running (a zombie waiting for its parent to reap it runs nothing)."""
+    stat = _read(f"/proc/{pid}/stat")
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+def _kill_group(pid):
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _wait_for_steps(output_dir, steps, process, timeout=900):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = Path(output_dir) / "metrics.jsonl"
+        if metrics.exists() and len(_losses(output_dir)) >= steps:
+            return
+        assert process.poll() is None, f"the run ended (rc {process.returncode}) before step {steps}"
+        time.sleep(0.2)
+    raise AssertionError(f"no step {steps} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_at_a_random_step_kills_every_worker_and_resume_reproduces_the_losses(tmp_path):
+    import random
+    import signal
+    import time
+
+    common = ["max_steps=6", "save_every_n_steps=2"]
+    straight = _launch_two(tmp_path / "straight", *common, log=tmp_path / "straight.log")
+    assert straight.wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    kill_at = random.randint(1, 5)
+    run = tmp_path / "killed"
+    launcher = _launch_two(run, *common, log=tmp_path / "killed.log")
+    try:
+        _wait_for_steps(run, kill_at, launcher)
+        workers = _workers(launcher.pid)
+        assert len(workers) == 2, (kill_at, workers)
+    finally:
+        # What a job scheduler or a terminal's kill does: SIGKILL to the launcher's process group.
+        _kill_group(launcher.pid)
+        launcher.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived their launcher (killed after step {kill_at})"
+    resumed = _launch_two(run, *common, "resume=true", log=tmp_path / "resumed.log")
+    assert resumed.wait(timeout=900) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert _losses(run) == _losses(tmp_path / "straight"), f"killed after step {kill_at}"
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_makes_the_run_fail_naming_the_rank_and_the_step(tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    launcher = _launch_two(run, "max_steps=200", "save_every_n_steps=200", "collective_timeout_s=20", log=tmp_path / "log")
+    stopped = None
+    try:
+        _wait_for_steps(run, 1, launcher)
+        stopped = next(pid for pid in _workers(launcher.pid) if b"\0RANK=1\0" in b"\0" + _read(f"/proc/{pid}/environ"))
+        os.kill(stopped, signal.SIGSTOP)
+        returncode = launcher.wait(timeout=600)
+    finally:
+        _kill_group(launcher.pid)
+        if stopped is not None and _alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+    output = (tmp_path / "log").read_text()
+    assert returncode != 0
+    assert re.search(r"rank 0: a collective operation timed out after collective_timeout_s=20 s at step \d+: another "
+                     r"process stopped, hangs or died", output), output[-3000:]
