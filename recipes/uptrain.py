@@ -321,6 +321,11 @@ class UptrainRecipe:
                 f"the data's tokenizer has a vocabulary of {vocab} ids but the model embeds only {embeddings}: "
                 "use the model's own tokenizer"
             )
+        if isinstance(dataset, TokenShardDataset):
+            largest, shard = dataset.max_token_id()
+            if largest >= embeddings:
+                raise ValueError(f"{shard} holds token id {largest}, but the model embeds only {embeddings} ids: the "
+                                 "shard is damaged or was written for another tokenizer; write it again")
 
     # ----- training ----------------------------------------------------------------------------
     def train(self) -> None:

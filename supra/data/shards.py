@@ -3,7 +3,7 @@
 A shard folder holds::
 
     index.json              {"format": "supra-token-shards", "version": 1, "dtype", "vocab_size",
-                             "eos_id", "shards": [{"file", "num_tokens", "num_documents"}, ...],
+                             "eos_id", "shards": [{"file", "num_tokens", "num_documents", "max_id"}, ...],
                              "num_tokens", ...}
     shard_00000.bin         the token ids, raw little-endian uint16 (vocab <= 65536) or uint32
     shard_00000.docs.npy    int64 offsets, within the shard, of the documents that start in it
@@ -72,12 +72,14 @@ class _ShardWriter:
         self._file = None
         self._filled = 0
         self._starts: List[int] = []
+        self._max_id = -1
 
     def _open(self) -> None:
         name = f"shard_{len(self.shards):05d}"
         self._file = open(self.folder / f"{name}.bin", "wb")
         self._filled = 0
         self._starts = []
+        self._max_id = -1
         self.shards.append({"file": f"{name}.bin", "num_tokens": 0, "num_documents": 0})
 
     def _close(self) -> None:
@@ -86,6 +88,8 @@ class _ShardWriter:
         entry = self.shards[-1]
         entry["num_tokens"] = self._filled
         entry["num_documents"] = len(self._starts)
+        # Recorded so that a reader checks the ids against a model's vocabulary without a scan.
+        entry["max_id"] = self._max_id
         docs_file = self.folder / entry["file"].replace(".bin", ".docs.npy")
         np.save(docs_file, np.asarray(self._starts, dtype=np.int64))
 
@@ -99,6 +103,7 @@ class _ShardWriter:
                 first = False
             take = min(len(ids), self.shard_tokens - self._filled)
             self._file.write(ids[:take].astype(self.dtype).tobytes())
+            self._max_id = max(self._max_id, int(ids[:take].max()))
             self._filled += take
             ids = ids[take:]
             if self._filled == self.shard_tokens:
@@ -269,6 +274,8 @@ def read_index(path: PathLike) -> Dict[str, Any]:
                 f"{file} holds {size} bytes, but the index says {shard['num_tokens']} {index['dtype']} "
                 f"tokens ({shard['num_tokens'] * itemsize} bytes)",
             )
+        if shard.get("max_id", -1) >= index["vocab_size"]:
+            raise _corrupt(index_path, f"{file} holds token id {shard['max_id']}, outside [0, vocab_size={index['vocab_size']})")
         total += shard["num_tokens"]
     if total != index["num_tokens"]:
         raise _corrupt(index_path, f'"num_tokens" is {index["num_tokens"]} but the shards hold {total}')
@@ -333,6 +340,18 @@ class TokenShardDataset(Dataset):
     @property
     def vocab_size(self) -> int:
         return int(self._index["vocab_size"])
+
+    def max_token_id(self) -> "tuple[int, Optional[Path]]":
+        """The largest token id in the shards and the shard that holds it (-1, None when empty):
+        recorded at write time; read from the shard files of folders written before that."""
+        largest, where = -1, None
+        for number, shard in enumerate(self._index["shards"]):
+            top = shard.get("max_id")
+            if top is None:
+                top = int(self._shard_tokens(number).max()) if self._shard_sizes[number] else -1
+            if top > largest:
+                largest, where = top, Path(self._files[number])
+        return largest, where
 
     @property
     def eos_id(self) -> Optional[int]:
@@ -408,6 +427,13 @@ class TokenShardDataset(Dataset):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
         start = i * (self.seq_len + 1)
         window = self._read(start, start + self.seq_len + 1)
+        if window.max() >= self.vocab_size:
+            # An embedding lookup would fail with a bare IndexError (or, on some devices, not at all).
+            shard = self._shards_between(start + int(window.argmax()), start + int(window.argmax()) + 1)[0]
+            raise ValueError(
+                f"{self._files[shard]} holds token id {int(window.max())}, outside [0, vocab_size={self.vocab_size}) "
+                f"(window {i}): the shard is damaged or was written for another tokenizer; write it again"
+            )
         starts = self._doc_starts(start, start + self.seq_len) if self.document_boundaries else None
         return make_item(window, starts)
 

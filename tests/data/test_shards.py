@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,41 @@ def test_pickles_without_open_memmaps(tmp_path):
     copy = pickle.loads(blob)
     for key in first:
         assert torch.equal(copy[len(dataset) // 2][key], first[key])
+
+
+def test_each_shard_records_its_largest_token_id(tmp_path):
+    out = write_token_shards([[1, 2, 300], [7, 5]], tmp_path / "s", vocab_size=1000, eos_id=0, shard_tokens=4)
+    index = json.loads((out / "index.json").read_text())
+    assert [s["max_id"] for s in index["shards"]] == [300, 7]
+    assert TokenShardDataset(out, 1).max_token_id() == (300, out / "shard_00000.bin")
+
+
+def _with_id_beyond_the_vocabulary(tmp_path, keep_max_id):
+    """Shards of vocab 258 whose bytes were changed afterwards to hold id 300 (in the second shard)."""
+    out = write_token_shards([list(range(10)), list(range(10))], tmp_path / "s", vocab_size=258, shard_tokens=10)
+    shard = out / "shard_00001.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[3] = 300
+    tokens.tofile(shard)
+    index = json.loads((out / "index.json").read_text())
+    for entry in index["shards"]:
+        if not keep_max_id:
+            del entry["max_id"]
+    (out / "index.json").write_text(json.dumps(index))
+    return out, shard
+
+
+def test_a_token_id_beyond_the_vocabulary_is_named_with_its_shard(tmp_path):
+    out, shard = _with_id_beyond_the_vocabulary(tmp_path, keep_max_id=False)
+    # Written before ids were recorded: read from the files.
+    assert TokenShardDataset(out, 4).max_token_id() == (300, shard)
+    dataset = TokenShardDataset(out, 4)
+    assert len(dataset[0]["tokens"]) == 4
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shard))} holds token id 300, outside \[0, vocab_size=258\) "
+                                         r"\(window 2\)"):
+        dataset[2]
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][1]["max_id"] = 300
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shard))} holds token id 300, outside \[0, vocab_size=258\)"):
+        TokenShardDataset(out, 4)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -507,3 +508,18 @@ def test_a_stopped_worker_makes_the_run_fail_naming_the_rank_and_the_step(tmp_pa
     assert returncode != 0
     assert re.search(r"rank 0: a collective operation timed out after collective_timeout_s=20 s at step \d+: another "
                      r"process stopped, hangs or died", output), output[-3000:]
+
+
+def test_a_shard_holding_ids_beyond_the_model_vocabulary_fails_at_setup_naming_it(tmp_path):
+    # Written for the model's 200 ids, then damaged; an index from before max_id was recorded.
+    shards = write_token_shards([list(range(100)) * 3], tmp_path / "shards", vocab_size=200)
+    tokens = np.fromfile(shards / "shard_00000.bin", dtype=np.uint16)
+    tokens[-1] = 257
+    tokens.tofile(shards / "shard_00000.bin")
+    index = json.loads((shards / "index.json").read_text())
+    del index["shards"][0]["max_id"]
+    (shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shards / 'shard_00000.bin'))} holds token id 257, but the "
+                                         r"model embeds only 200 ids"):
+        _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={shards}", "model.kwargs.vocab_size=200",
+                       "data.seq_len=16"))
