@@ -204,10 +204,23 @@ def expand_inputs(inputs: Union[PathLike, Iterable[PathLike]]) -> List[Path]:
     return files
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+def _numbered_lines(path: Path) -> Iterator["tuple[int, str]"]:
+    """(line number, line) of a text file, gzipped or not, each line decoded from UTF-8 by itself so
+    that an undecodable byte is reported with its file and line.
+
+    Raises:
+        ValueError: naming the file, the line and the byte, for text that is not UTF-8.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                    "convert the file to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
+                ) from error
 
 
 def _parquet_file(path: Path, text_key: str):
@@ -225,32 +238,31 @@ def read_documents(path: Path, text_key: str = "text") -> Iterator[str]:
 
     Raises:
         ValueError: a JSON line without ``text_key`` (naming the file, the line and its keys), a
-            non-string text, invalid JSON, or a parquet file without the column.
+            non-string text, invalid JSON, text that is not UTF-8 (naming the file and the line), or
+            a parquet file without the column.
     """
     suffix = _suffix(path)
     if suffix in TEXT_SUFFIXES:
-        with _open_text(path) as lines:
-            for line in lines:
-                if line.strip():
-                    yield line.rstrip("\r\n")
+        for _, line in _numbered_lines(path):
+            if line.strip():
+                yield line.rstrip("\r\n")
     elif suffix in JSON_SUFFIXES:
-        with _open_text(path) as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-                if not isinstance(record, dict) or text_key not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(
-                        f"{path}:{number}: no field {text_key!r}; the record's keys are {keys}; pass --text-key"
-                    )
-                text = record[text_key]
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{number}: field {text_key!r} is a {type(text).__name__}, not a string")
-                yield text
+        for number, line in _numbered_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+            if not isinstance(record, dict) or text_key not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{path}:{number}: no field {text_key!r}; the record's keys are {keys}; pass --text-key"
+                )
+            text = record[text_key]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: field {text_key!r} is a {type(text).__name__}, not a string")
+            yield text
     elif suffix in PARQUET_SUFFIXES:
         parquet = _parquet_file(path, text_key)
         for batch in parquet.iter_batches(columns=[text_key], batch_size=1024):
@@ -414,6 +426,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except (ValueError, FileExistsError) as error:
         print(f"supra tokenize: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # A read-only or full output location, or an unreadable input: the path, not a traceback.
+        print(f"supra tokenize: error: {error.strerror or error}: {error.filename or args.out} (inputs "
+              f"{' '.join(args.inputs)}, --out {args.out})", file=sys.stderr)
         return 2
     index = json.loads((out / "index.json").read_text())
     print(

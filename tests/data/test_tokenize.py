@@ -113,3 +113,33 @@ def test_main_entry_point(tmp_path, corpus, spm_model, capsys):
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl", "latin1.txt.gz"])
+def test_text_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, spm_model, capsys, name):
+    first, second = "première ligne", "deuxième ligne"
+    if "json" in name:
+        first, second = (json.dumps({"text": text}, ensure_ascii=False) for text in (first, second))
+    # Line 2 in Latin-1: its "è" is the byte 0xe8, which UTF-8 cannot decode there.
+    data = first.encode("utf-8") + b"\n" + second.encode("latin1")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    assert main([str(path), "--tokenizer", str(spm_model), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert f"supra tokenize: error: {path}:2: not UTF-8 text (byte 0xe8 at column " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_or_full_output_location_names_the_path(tmp_path, corpus, spm_model, capsys, monkeypatch):
+    (tmp_path / "a.txt").write_text("\n".join(corpus[:5]))
+    argv = [str(tmp_path / "a.txt"), "--tokenizer", str(spm_model), "--no-progress", "--out"]
+    # /sys refuses new folders even to root.
+    assert main([*argv, "/sys/supra_tokens"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("supra tokenize: error: ") and "/sys/supra_tokens" in err and "Traceback" not in err
+
+    def full(self, data):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "shard_00000.bin"))
+
+    monkeypatch.setattr("supra.data.shards._ShardWriter.write_document", full)
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    assert f"supra tokenize: error: No space left on device: {tmp_path / 'out' / 'shard_00000.bin'}" in capsys.readouterr().err
