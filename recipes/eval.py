@@ -145,7 +145,11 @@ def _passkey(cfg: DictConfig, model, tokenizer, add_bos: bool, output_dir: Path)
 
 def recipe_main(cfg: DictConfig) -> Dict[str, Any]:
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output_dir {output_dir}: {error.strerror} ({error.filename}); choose a "
+                         "writable folder") from error
     manager = None
     if cfg.tasks:
         # Check task names and local files before spending minutes loading the model.

@@ -66,6 +66,9 @@ def test_clear_errors(tmp_path, checkpoint):
         RECIPE["recipe_main"](_config(f"checkpoint={tmp_path / 'missing'}", f"output_dir={tmp_path}"))
     with pytest.raises(ValueError, match="unknown config key 'taks'"):
         _config("taks=[local_copa]")
+    # /sys refuses new folders even to root.
+    with pytest.raises(ValueError, match="cannot create output_dir /sys/supra_eval: .*choose a writable folder"):
+        RECIPE["recipe_main"](_config(f"checkpoint={checkpoint}", "output_dir=/sys/supra_eval"))
 
 
 def test_command_line_reads_config_and_overrides():
