@@ -43,19 +43,25 @@ def resolve_checkpoint(path: Optional[Union[str, Path]]) -> Path:
 
 
 def resolve_tokenizer(name: Optional[str], checkpoint: Optional[Path] = None):
-    """``"bytes"`` (``ByteTokenizer``), a tokenizer path, or None: the tokenizer files in ``checkpoint``.
+    """``"bytes"`` (``ByteTokenizer``), a tokenizer path, or None: the tokenizer files in ``checkpoint``,
+    or the tokenizer a GGUF checkpoint (a ``.gguf`` file, or a folder holding one) stores.
 
     Raises:
-        ValueError: when no tokenizer is given and the checkpoint folder holds none.
+        ValueError: when no tokenizer is given and the checkpoint holds none.
     """
     if name == "bytes":
         return ByteTokenizer()
     if name is not None:
         return load_tokenizer(name)
-    for file in TOKENIZER_FILES:
-        if checkpoint is not None and (checkpoint / file).exists():
-            return load_tokenizer(checkpoint / file)
-    raise ValueError(f"{checkpoint} has no {' or '.join(TOKENIZER_FILES)}; set tokenizer= (a path, or 'bytes')")
+    if checkpoint is not None:
+        for file in TOKENIZER_FILES:
+            if (checkpoint / file).exists():
+                return load_tokenizer(checkpoint / file)
+        if checkpoint.suffix == ".gguf" or (checkpoint.is_dir() and any(checkpoint.glob("*.gguf"))):
+            return load_tokenizer(checkpoint)
+    raise ValueError(
+        f"{checkpoint} has no {' or '.join(TOKENIZER_FILES)} and is no GGUF file; set tokenizer= (a path, or 'bytes')"
+    )
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -102,8 +108,14 @@ def load_model(
 
 
 def default_add_bos(tokenizer, add_bos: Optional[bool] = None) -> bool:
-    """Whether contexts start with BOS: ``add_bos`` when given, else when the tokenizer has a BOS,
-    except the byte tokenizer (supra's byte-level corpora carry no BOS).
+    """Whether contexts start with BOS: ``add_bos`` when given, else the tokenizer's own default,
+    the rule lm-eval's ``hf`` model follows (it lets the tokenizer decide):
+
+    - a tokenizer with an ``add_bos_token`` attribute follows it (a GGUF file's flag; for an HF
+      ``tokenizer.json``, whether its post-processor adds BOS, which transformers follows);
+    - a tokenizer without BOS, and the byte tokenizer (supra's byte-level corpora carry no BOS),
+      add none;
+    - others with a BOS (a bare sentencepiece ``.model``, as Llama and Mistral use it) add it.
 
     Raises:
         ValueError: for ``add_bos=True`` with a tokenizer that has no BOS.
@@ -112,7 +124,10 @@ def default_add_bos(tokenizer, add_bos: Optional[bool] = None) -> bool:
     # sentencepiece reports a disabled BOS as -1.
     bos = None if bos is None or bos < 0 else bos
     if add_bos is None:
-        return bos is not None and not isinstance(tokenizer, ByteTokenizer)
+        if bos is None or isinstance(tokenizer, ByteTokenizer):
+            return False
+        own = getattr(tokenizer, "add_bos_token", None)
+        return True if own is None else bool(own)
     if add_bos and bos is None:
         raise ValueError(f"add_bos=True but tokenizer {tokenizer!r} has no BOS token; set add_bos=false")
     return bool(add_bos)

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
+from supra.data.gguf_tokenizer import GGUFTokenizer
 from supra.data.shards import write_token_shards
 
 PathLike = Union[str, os.PathLike]
@@ -87,6 +88,9 @@ class HFTokenizer:
 
     EOS/BOS come from ``tokenizer_config.json`` beside the file ("eos_token", "bos_token") when
     present, else from the first of the usual names (``</s>``, ``<|endoftext|>``, ...) in the vocab.
+    ``add_bos_token``: whether the tokenizer itself puts BOS before text, which is what
+    ``tokenizer.json``'s post-processor does (transformers 5 follows it even where
+    ``tokenizer_config.json`` has an ``add_bos_token`` flag; in real folders the two agree).
     """
 
     def __init__(self, path: PathLike):
@@ -99,7 +103,13 @@ class HFTokenizer:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.eos_id = self._special_id(_special_from_config(config, "eos_token"), EOS_NAMES)
         self.bos_id = self._special_id(_special_from_config(config, "bos_token"), BOS_NAMES)
+        self.add_bos_token = self.bos_id is not None and self._post_processor_adds_bos()
         self.fingerprint = f"tokenizers:{_file_digest(self.path)}:{self.eos_id}:{self.bos_id}"
+
+    def _post_processor_adds_bos(self) -> bool:
+        with_special = self._tokenizer.encode("a", add_special_tokens=True).ids
+        without = self._tokenizer.encode("a", add_special_tokens=False).ids
+        return len(with_special) > len(without) and with_special[0] == self.bos_id
 
     def _special_id(self, configured: Optional[str], names: Sequence[str]) -> Optional[int]:
         for name in ([configured] if configured else []) + list(names):
@@ -124,10 +134,12 @@ class HFTokenizer:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: PathLike) -> Union[SentencePieceTokenizer, HFTokenizer]:
-    """Loads a tokenizer from a sentencepiece ``.model``, an HF ``tokenizer.json``, or a folder.
+def load_tokenizer(path: PathLike) -> Union[SentencePieceTokenizer, HFTokenizer, GGUFTokenizer]:
+    """Loads a tokenizer from a sentencepiece ``.model``, an HF ``tokenizer.json``, a GGUF file
+    (the tokenizer it stores, see ``supra.data.gguf_tokenizer``), or a folder.
 
-    In a folder, ``tokenizer.json`` is preferred, then ``tokenizer.model``, then a single ``*.model``.
+    In a folder, ``tokenizer.json`` is preferred, then ``tokenizer.model``, then a single ``*.model``,
+    then a single ``*.gguf``.
 
     Args:
         path: file or folder.
@@ -143,29 +155,34 @@ def load_tokenizer(path: PathLike) -> Union[SentencePieceTokenizer, HFTokenizer]
     if not path.exists():
         raise ValueError(
             f"tokenizer path {path} does not exist; pass a sentencepiece .model file, an HF "
-            f"tokenizer.json, or a folder holding one of them"
+            f"tokenizer.json, a .gguf file, or a folder holding one of them"
         )
     if path.is_dir():
         models = sorted(path.glob("*.model"))
+        ggufs = sorted(path.glob("*.gguf"))
         if (path / "tokenizer.json").is_file():
             path = path / "tokenizer.json"
         elif (path / "tokenizer.model").is_file():
             path = path / "tokenizer.model"
         elif len(models) == 1:
             path = models[0]
+        elif len(ggufs) == 1:
+            path = ggufs[0]
         else:
             found = ", ".join(p.name for p in sorted(path.iterdir())[:20]) or "nothing"
             raise ValueError(
-                f"tokenizer folder {path} holds no tokenizer.json, tokenizer.model or single *.model "
-                f"file (found: {found})"
+                f"tokenizer folder {path} holds no tokenizer.json, tokenizer.model, single *.model or single "
+                f"*.gguf file (found: {found})"
             )
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json":
         return HFTokenizer(path)
+    if path.suffix == ".gguf":
+        return GGUFTokenizer(path)
     raise ValueError(
-        f"tokenizer file {path} is of unknown type; expected a sentencepiece .model file or an HF "
-        f"tokenizer.json"
+        f"tokenizer file {path} is of unknown type; expected a sentencepiece .model file, an HF "
+        f"tokenizer.json or a .gguf file"
     )
 
 
@@ -408,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "memory-mapped token shards for uptraining.",
     )
     parser.add_argument("inputs", nargs="+", help="input files or folders")
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model, HF tokenizer.json, or a folder with one")
+    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model, HF tokenizer.json, .gguf file, or a folder with one")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--text-key", default="text", help="JSON field / parquet column with the text (default text)")
     parser.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default 2**26)")
