@@ -92,7 +92,7 @@ def train_run(uptrain: Dict[str, Any], out: Path, name: str, args: argparse.Name
     ]
     print(f"[{name}] {RUNS[name]['label']}: supra run uptrain --config tiny/uptrain {' '.join(overrides)}", flush=True)
     start = time.perf_counter()
-    cfg = load_config("tiny/uptrain", overrides, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"])
+    cfg = load_config("tiny/uptrain", overrides, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"])
     uptrain["recipe_main"](cfg)
     print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if missing:
         raise SystemExit(f"mini_supra: runs {missing} have no step {args.steps} checkpoint in {out}; train them first")
 
-    cfg = load_config("tiny/uptrain", defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"])
+    cfg = load_config("tiny/uptrain", defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"])
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     tokenizer = load_tokenizer(resolve_path(cfg.data.tokenizer))
     heldout = prepare_python_docs(out / "data", tokenizer)["heldout"]
