@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     cp.add_argument("name", help="a recipe (uptrain) or config (tiny/uptrain): supra ls lists them")
     cp.add_argument("destination")
     conv = commands.add_parser("convert", help="convert a checkpoint", description=convert.__doc__)
-    conv.add_argument("src", help="checkpoint folder (supra, hf, openlm) or open_lm .pt file")
+    conv.add_argument("src", help="checkpoint folder (supra, hf, openlm), open_lm .pt file, or .gguf file")
     conv.add_argument("dst", help="output folder")
     conv.add_argument("--to", choices=("supra", "openlm"), default="supra", help="output format (default supra)")
     conv.add_argument("--linearize", action="store_true", help="linearize a softmax checkpoint (new parameters initialized)")

@@ -67,8 +67,10 @@ class SupraLM(TemplateLM):
             model's ``max_seq_len`` when it has softmax layers; unbounded for all-linear models
             (their state does not grow), so rolling log-likelihoods score each document whole.
         max_gen_toks (int): new tokens per generation request when the task does not say.
-        add_bos (Optional[bool]): prepend BOS to every context. Default: when the tokenizer has
-            one, except the byte tokenizer (supra's byte-level corpora carry no BOS).
+        add_bos (Optional[bool]): prepend BOS to every context. Default: when the tokenizer
+            itself would, as lm-eval's ``hf`` model leaves it to the tokenizer (a GGUF file's
+            ``add_bos_token``, an HF ``tokenizer.json``'s post-processor; a bare sentencepiece
+            model adds BOS, the byte tokenizer none): see ``supra.loading.default_add_bos``.
         chunk_size (Optional[int]): all-linear models score sequences longer than this in chunks
             that carry the recurrent state (memory of one chunk's logits).
         linearize (Optional[bool]): load a softmax (hf) checkpoint as a freshly linearized model.

