@@ -40,8 +40,9 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
+	echo "$(TORCH)" > $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]" -c $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/pip list --format freeze 2>/dev/null | grep -iE '^(torch|torchtune|torchao|transformers|lm.eval|huggingface.hub|tokenizers|gguf|datasets|numpy)=='
 	$(LATEST)/bin/python -m pytest -q
 
