@@ -100,6 +100,10 @@ class _Truncated(Exception):
     """The header ended before a value it announces."""
 
 
+class _Corrupt(Exception):
+    """The header holds a value no GGUF writer writes."""
+
+
 class _Cursor:
     """Reads little-endian GGUF header values from a buffer."""
 
@@ -130,7 +134,7 @@ class _Cursor:
         if value_type in _SCALARS:
             return self.unpack(_SCALARS[value_type])
         if value_type != _ARRAY:
-            raise ValueError(f"unknown metadata value type {value_type}")
+            raise _Corrupt(f"metadata value type {value_type} is not a GGUF type")
         item_type, count = self.unpack("IQ")
         if item_type in _SCALARS:
             dtype = np.dtype("<" + _SCALARS[item_type]) if item_type != 7 else np.dtype(np.bool_)
@@ -208,6 +212,8 @@ def read_gguf_header(path: PathLike) -> GGUFHeader:
                 ) from None
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path} is corrupt: a metadata string is not UTF-8 ({error})") from None
+            except _Corrupt as error:
+                raise ValueError(f"{path} is corrupt: {error}") from None
             header_end = cursor.position
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     data_start = -(-header_end // alignment) * alignment

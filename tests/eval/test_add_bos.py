@@ -17,7 +17,6 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from supra.data import load_tokenizer
-from supra.data.gguf_tokenizer import _byte_alphabet
 from supra.eval.harness import SupraLM
 from supra.loading import default_add_bos
 from supra.models import supra_test_tiny
@@ -32,7 +31,7 @@ def _gguf(path, kind, add_bos):
     """A GGUF file with a vocabulary of single characters (one merge): byte-level ("gpt2"), or
     sentencepiece-style ("llama": byte-fallback pieces and the letters), BOS 1 and EOS 2."""
     if kind == "gpt2":
-        tokens = SPECIAL + sorted(set(_byte_alphabet().values())) + ["Qu"]
+        tokens = SPECIAL + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Qu"]
         types = [3, 3, 3] + [1] * (len(tokens) - 3)
     else:
         tokens = SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + [chr(c) for c in range(ord("A"), ord("z") + 1)]
@@ -65,7 +64,7 @@ def _hf_folder(folder, post_processor_bos, add_bos):
     """An HF tokenizer folder: byte-level characters, a post-processor that does or does not put
     <s> first, and a tokenizer_config.json with or without ``add_bos_token``."""
     folder.mkdir()
-    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(set(_byte_alphabet().values())))}
+    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
