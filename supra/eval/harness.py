@@ -159,8 +159,14 @@ class SupraLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """Conditions the first scored token of an empty context: BOS when used, else EOS."""
-        return self.tokenizer.bos_id if self.add_bos else self.eot_token_id
+        """Conditions the first scored token of an empty context (and of rolling windows): the
+        tokenizer's BOS whenever it has one, as lm-eval's ``hf`` model does (even when BOS is not
+        prepended to contexts), else EOS. The byte tokenizer conditions on EOS: supra's byte-level
+        corpora carry no BOS, so a model trained on them has never seen it."""
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if self.add_bos or (bos is not None and not isinstance(self.tokenizer, ByteTokenizer)):
+            return bos
+        return self.eot_token_id
 
     @property
     def max_length(self) -> Optional[int]:
