@@ -44,6 +44,7 @@ from supra.convert import linearize, new_parameter_names
 from supra.modules import is_linear_layer
 from supra.data import (
     load_tokenizer,
+    save_tokenizer_files,
     InfiniteLoader,
     OpenLMWebDataset,
     TextDataset,
@@ -141,7 +142,6 @@ SAFE_TO_CHANGE_ON_RESUME = (
 )
 MANIFEST = "sha256.json"
 # Tokenizer files a checkpoint folder may carry (the generate recipe looks for them there).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 TEACHER_LABEL = "teacher (softmax)"
 
 
@@ -175,7 +175,7 @@ class UptrainRecipe:
         self.train_data = self._dataset("train")
         needs_heldout = cfg.eval_every_n_steps or cfg.eval_before_training
         self.heldout_data = self._dataset("heldout") if needs_heldout else None
-        self.tokenizer_files = self._tokenizer_files()
+        self.tokenizer_source = self._tokenizer_source()
         self.model = self._build_model()
         self._check_vocab(self.train_data)
         self.new_names = new_parameter_names(self.model)
@@ -275,25 +275,16 @@ class UptrainRecipe:
                                document_boundaries=boundaries)
         raise ValueError(f"data.type {data.type!r} is unknown; choose one of ['shards', 'open_lm', 'text', 'python_docs']")
 
-    def _tokenizer_files(self) -> Dict[str, Path]:
-        """Tokenizer files to save beside every checkpoint's model (name there -> source), so the
-        generate recipe finds them: those of ``data.tokenizer`` when the data is tokenized with it,
-        else those in ``model.checkpoint``."""
+    def _tokenizer_source(self) -> Optional[Path]:
+        """The tokenizer saved beside every checkpoint's model (``save_tokenizer_files``), so the
+        generate recipe finds it: ``data.tokenizer`` when the data is tokenized with it, else the
+        one in ``model.checkpoint``."""
         cfg = self.cfg
         if cfg.data.tokenizer is not None and cfg.data.type in ("text", "python_docs"):
-            source = resolve_path(cfg.data.tokenizer)
-        elif cfg.model.checkpoint is not None:
-            source = resolve_path(cfg.model.checkpoint)
-        else:
-            return {}
-        if source.is_file():
-            # A lone tokenizer file takes the name the generate recipe looks for.
-            files = {"tokenizer.json": source, "tokenizer_config.json": source.parent / "tokenizer_config.json"}
-            if source.suffix != ".json":
-                files = {"tokenizer.model": source}
-        else:
-            files = {name: source / name for name in TOKENIZER_FILES}
-        return {name: path for name, path in files.items() if path.is_file()}
+            return resolve_path(cfg.data.tokenizer)
+        if cfg.model.checkpoint is not None:
+            return resolve_path(cfg.model.checkpoint)
+        return None
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -487,8 +478,8 @@ class UptrainRecipe:
                     shutil.rmtree(staging)
                 staging.mkdir(parents=True)
                 save_checkpoint(_unwrapped(self.model), staging / "model", state_dict=full)
-                for name, source in self.tokenizer_files.items():
-                    shutil.copyfile(source, staging / "model" / name)
+                if self.tokenizer_source is not None:
+                    save_tokenizer_files(self.tokenizer_source, staging / "model")
                 # The config that trained these weights: a resumed run is compared with it.
                 OmegaConf.save(self.cfg, staging / "config.yaml")
             _barrier()

@@ -65,6 +65,7 @@ def run_recipe(name: str, args: List[str]) -> None:
 def convert(args: argparse.Namespace) -> None:
     """Loads SRC in any supported format and writes DST as a supra or openlm folder."""
     from supra.checkpoint import export_openlm, load_checkpoint, save_checkpoint
+    from supra.data import save_tokenizer_files
     from supra.loading import resolve_dtype
 
     try:
@@ -76,11 +77,14 @@ def convert(args: argparse.Namespace) -> None:
         linearize=True if args.linearize else None,
     )
     if args.to == "openlm":
-        export_openlm(model, args.dst, overwrite=args.overwrite)
+        written = export_openlm(model, args.dst, overwrite=args.overwrite)
     else:
-        save_checkpoint(model, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        written = save_checkpoint(model, args.dst, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    # The tokenizer travels with the weights (a GGUF file's is written out as tokenizer.json).
+    tokenizer = save_tokenizer_files(args.src, written)
     params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.to} checkpoint {args.dst} ({params:,} parameters)")
+    with_tokenizer = f", tokenizer: {', '.join(tokenizer)}" if tokenizer else ""
+    print(f"wrote {args.to} checkpoint {args.dst} ({params:,} parameters{with_tokenizer})")
 
 
 def copy_file(name: str, destination: str) -> None:

@@ -15,7 +15,7 @@ from supra.data.loader import (
 from supra.data.open_lm import OpenLMWebDataset
 from supra.data.shards import TokenShardDataset, read_index, write_token_shards
 from supra.data.text import TextDataset
-from supra.data.tokenize import load_tokenizer, tokenize_files
+from supra.data.tokenize import load_tokenizer, save_tokenizer_files, tokenize_files
 
 __all__ = [
     "InfiniteLoader",
@@ -28,6 +28,7 @@ __all__ = [
     "cu_seqlens_from_positions",
     "load_tokenizer",
     "read_index",
+    "save_tokenizer_files",
     "tokenize_files",
     "write_token_shards",
 ]

@@ -15,6 +15,7 @@ ones are matched whole in text; the splitting pattern before byte-level BPE foll
 """
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -192,6 +193,40 @@ class GGUFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save_hf_files(self, folder: PathLike) -> List[Path]:
+        """Writes this tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` in ``folder`` (a
+        checkpoint folder needs no copy of the whole GGUF file): ``load_tokenizer(folder)`` and
+        transformers' ``AutoTokenizer`` read back the same ids, BOS/EOS, BOS rule and chat template.
+
+        Returns:
+            List[Path]: the two files written.
+        """
+        from tokenizers import Tokenizer, processors
+
+        folder = Path(folder)
+        tokenizer = Tokenizer.from_str(self._tokenizer.to_str())
+        token = tokenizer.id_to_token
+        if self.add_bos_token:
+            # tokenizer.json's post-processor is what decides BOS for HFTokenizer and transformers 5.
+            bos = token(self.bos_id)
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None if self.bos_id is None else token(self.bos_id),
+            "eos_token": None if self.eos_id is None else token(self.eos_id),
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return [folder / "tokenizer.json", folder / "tokenizer_config.json"]
 
     def __reduce__(self):
         return (GGUFTokenizer, (self.path,))

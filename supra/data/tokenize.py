@@ -22,6 +22,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
@@ -184,6 +185,45 @@ def load_tokenizer(path: PathLike) -> Union[SentencePieceTokenizer, HFTokenizer,
         f"tokenizer file {path} is of unknown type; expected a sentencepiece .model file, an HF "
         f"tokenizer.json or a .gguf file"
     )
+
+
+# The files that make a folder a tokenizer for load_tokenizer (and transformers' AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def save_tokenizer_files(source: PathLike, folder: PathLike) -> List[str]:
+    """Puts the tokenizer ``source`` names into ``folder`` (a checkpoint folder), so that
+    ``load_tokenizer(folder)`` gives the same tokenizer: a sentencepiece ``.model`` is copied as
+    ``tokenizer.model``; a ``tokenizer.json`` is copied with the ``tokenizer_config.json`` beside
+    it; a GGUF file (or a folder holding one) is written as ``tokenizer.json`` +
+    ``tokenizer_config.json``; a folder's tokenizer files are copied.
+
+    Args:
+        source: a tokenizer file, a GGUF file, or a folder (a checkpoint) holding one.
+        folder: where the files go (it must exist).
+
+    Returns:
+        List[str]: the names written; empty when ``source`` holds no tokenizer.
+    """
+    source, folder = Path(source), Path(folder)
+    if source.suffix == ".gguf" or (source.is_dir() and any(source.glob("*.gguf")) and
+                                    not any((source / name).is_file() for name in TOKENIZER_FILES)):
+        from supra.checkpoint.gguf import gguf_file, read_gguf_header
+
+        if "tokenizer.ggml.tokens" not in read_gguf_header(gguf_file(source)).metadata:
+            return []
+        return [path.name for path in GGUFTokenizer(source).save_hf_files(folder)]
+    if source.is_file():
+        files = {"tokenizer.model": source} if source.suffix == ".model" else {
+            "tokenizer.json": source, "tokenizer_config.json": source.parent / "tokenizer_config.json"}
+    else:
+        files = {name: source / name for name in TOKENIZER_FILES}
+    written = []
+    for name, path in files.items():
+        if path.is_file():
+            shutil.copyfile(path, folder / name)
+            written.append(name)
+    return written
 
 
 def _suffix(path: Path) -> Optional[str]:

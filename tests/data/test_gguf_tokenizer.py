@@ -17,7 +17,7 @@ import gguf
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from supra.data import load_tokenizer
+from supra.data import load_tokenizer, save_tokenizer_files
 from supra.data.gguf_tokenizer import GGUFTokenizer, merges_from_scores
 from supra.loading import resolve_tokenizer
 
@@ -195,6 +195,40 @@ def test_load_tokenizer_finds_the_gguf_in_a_folder_and_pickles(tmp_path, byte_le
     assert from_folder.path == path and from_folder.encode("Hello world") == load_tokenizer(path).encode("Hello world")
     assert pickle.loads(pickle.dumps(from_folder)).encode("Hello world") == from_folder.encode("Hello world")
     assert resolve_tokenizer(None, path).fingerprint == resolve_tokenizer(None, tmp_path).fingerprint == from_folder.fingerprint
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bpe_with_bos", "sentencepiece"])
+def test_saved_hf_files_give_the_same_tokenizer_to_us_and_to_transformers(tmp_path, byte_level, sentencepiece_vocab, kind):
+    from transformers import AutoTokenizer
+
+    if kind == "sentencepiece":
+        pieces, scores, types = sentencepiece_vocab
+        path = _write(tmp_path / "m.gguf", pieces, types, model="llama", scores=scores, bos=1, eos=2, unk=0)
+    else:
+        tokens, types, merges = byte_level
+        path = _write(tmp_path / "m.gguf", tokens, types, model="gpt2", merges=merges, bos=1, eos=2,
+                      add_bos=kind == "bpe_with_bos", chat_template="{{ messages }}")
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    assert save_tokenizer_files(path, folder) == ["tokenizer.json", "tokenizer_config.json"]
+    original, saved = load_tokenizer(path), load_tokenizer(folder)
+    assert (saved.bos_id, saved.eos_id, saved.add_bos_token, saved.vocab_size) == (
+        original.bos_id, original.eos_id, original.add_bos_token, original.vocab_size)
+    reference, reloaded = _reference(path), AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+        assert saved.encode(text) == original.encode(text), text
+        assert reloaded(text)["input_ids"] == reference(text)["input_ids"], text
+    assert reloaded.chat_template == reference.chat_template
+
+
+def test_a_gguf_without_a_tokenizer_saves_none(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert save_tokenizer_files(tmp_path / "bare.gguf", tmp_path) == []
 
 
 def test_unsupported_tokenizer_model_is_named(tmp_path):
