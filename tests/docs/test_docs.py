@@ -4,7 +4,8 @@ A guide runs in a scratch folder of its own, its blocks in order, so a block may
 earlier block of the same guide wrote (a checkpoint, a corpus). Python blocks share one namespace
 and run in this process; shell blocks run in bash with this interpreter's environment first on
 PATH (``supra``, ``python``, ``tune``). Paths under ``/tmp/`` in a block are redirected into the
-scratch folder, so that runs never meet. Fences tagged ``python`` or ``bash`` are code; the others
+scratch folder, so that runs never meet, and the repository's ``benchmarks/`` is linked into it,
+as blocks run those scripts from the root of a clone. Fences tagged ``python`` or ``bash`` are code; the others
 (program output, ``text``, ``yaml``, ``json``, ``diff``) are not run.
 
 Markers are HTML comments on the lines just before a block (invisible on the rendered page):
@@ -131,6 +132,7 @@ def test_the_hf_quickstart_is_the_reference_line_for_line():
 @pytest.mark.parametrize("guide", list(_guides()))
 def test_every_block_of_the_guide_runs(guide, tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     if guide.name == "huggingface.md":
         _stand_in_for_the_hub(tmp_path)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
