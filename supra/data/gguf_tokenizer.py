@@ -20,6 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from supra.data._tokenizers import TokenizersBacked
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -154,7 +156,7 @@ def build_gguf_tokenizer(metadata: Dict[str, Any], source: Path):
     return tokenizer
 
 
-class GGUFTokenizer:
+class GGUFTokenizer(TokenizersBacked):
     """The tokenizer stored in a GGUF file. Encodes without BOS/EOS; pickles by path.
 
     Attributes:
@@ -184,15 +186,6 @@ class GGUFTokenizer:
         self.chat_template: Optional[str] = metadata.get("tokenizer.chat_template")
         digest = hashlib.sha256(self._tokenizer.to_str().encode("utf-8"))
         self.fingerprint = f"gguf:{digest.hexdigest()[:16]}:{self.eos_id}:{self.bos_id}:{self.add_bos_token}"
-
-    def encode(self, text: str) -> List[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save_hf_files(self, folder: PathLike) -> List[Path]:
         """Writes this tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` in ``folder`` (a

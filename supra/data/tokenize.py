@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
+from supra.data._tokenizers import TokenizersBacked
 from supra.data.gguf_tokenizer import GGUFTokenizer
 from supra.data.shards import write_token_shards
 
@@ -84,7 +85,7 @@ def _special_from_config(config: dict, key: str) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizersBacked):
     """An HF ``tokenizer.json`` (the ``tokenizers`` library). Encodes without special tokens.
 
     EOS/BOS come from ``tokenizer_config.json`` beside the file ("eos_token", "bos_token") when
@@ -118,15 +119,6 @@ class HFTokenizer:
             if token_id is not None:
                 return token_id
         return None
-
-    def encode(self, text: str) -> List[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def __reduce__(self):
         return (HFTokenizer, (self.path,))
