@@ -43,16 +43,16 @@ from supra.data.python_docs import prepare_python_docs
 
 TEACHER = "supra:assets/tiny_teacher"
 SCRATCH_MODEL = [
-    "model.checkpoint=null", "model.builder=supra_decoder", "linearize.enabled=false",
-    "model.kwargs={vocab_size: 4096, num_layers: 4, num_heads: 4, num_kv_heads: 2, embed_dim: 128, "
-    "intermediate_dim: 384, max_seq_len: 256}",
+    "linearize=null",
+    "model={_component_: supra.models.supra_decoder, vocab_size: 4096, num_layers: 4, num_heads: 4, num_kv_heads: 2, "
+    "embed_dim: 128, intermediate_dim: 384, max_seq_len: 256}",
     # The teacher's own pretraining settings (tiny/teacher), which suit training from random weights.
-    "optimizer.lr=3.0e-3", "optimizer.new_lr=null", "optimizer.weight_decay=0.1",
+    "optimizer.lr=3.0e-3", "new_lr=null", "optimizer.weight_decay=0.1",
 ]
 RUNS: Dict[str, Dict[str, Any]] = {
     "supra": {"label": "SUPRA (uptrained teacher)", "overrides": []},
     "scratch": {"label": "same linear model from scratch", "overrides": SCRATCH_MODEL},
-    "softmax": {"label": "softmax teacher trained on, same budget", "overrides": ["linearize.enabled=false"]},
+    "softmax": {"label": "softmax teacher trained on, same budget", "overrides": ["linearize=null"]},
     "no_decay": {"label": "SUPRA, no decay", "overrides": ["linearize.decay=none"]},
     "denominator": {"label": "SUPRA, denominator instead of GroupNorm", "overrides": ["linearize.normalization=denominator"]},
     "retnet": {"label": "SUPRA, RetNet slopes", "overrides": ["linearize.decay=retnet"]},
@@ -92,7 +92,8 @@ def train_run(uptrain: Dict[str, Any], out: Path, name: str, args: argparse.Name
     ]
     print(f"[{name}] {RUNS[name]['label']}: supra run uptrain --config tiny/uptrain {' '.join(overrides)}", flush=True)
     start = time.perf_counter()
-    cfg = load_config("tiny/uptrain", overrides, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"])
+    cfg = load_config("tiny/uptrain", overrides, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"],
+                      components=uptrain["COMPONENTS"])
     uptrain["recipe_main"](cfg)
     print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -265,7 +266,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if missing:
         raise SystemExit(f"mini_supra: runs {missing} have no step {args.steps} checkpoint in {out}; train them first")
 
-    cfg = load_config("tiny/uptrain", defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"])
+    cfg = load_config("tiny/uptrain", defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"],
+                      components=uptrain["COMPONENTS"])
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     tokenizer = load_tokenizer(resolve_path(cfg.data.tokenizer))
     heldout = prepare_python_docs(out / "data", tokenizer)["heldout"]

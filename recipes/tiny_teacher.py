@@ -76,7 +76,8 @@ def build_teacher(out: Path, work: Path, overrides: List[str]) -> Dict[str, Any]
     print(f"[2/3] pretraining the softmax teacher with {CONFIG} in {work / 'run'}", flush=True)
     uptrain = runpy.run_path(str(recipe_root() / "uptrain.py"), run_name="tiny_teacher_uptrain")
     args = [f"output_dir={work / 'run'}", f"data.tokenizer={tokenizer_path}", *overrides]
-    cfg = load_config(CONFIG, args, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"])
+    cfg = load_config(CONFIG, args, defaults=uptrain["DEFAULTS"], free_form=uptrain["FREE_FORM"], rules=uptrain["RULES"],
+                      components=uptrain["COMPONENTS"])
     uptrain["recipe_main"](cfg)
     final = sorted((work / "run" / "checkpoints").glob("step_*"))[-1] / "model"
 

@@ -4,12 +4,15 @@
     supra run uptrain --nproc-per-node 8 --config mistral_7b/uptrain data.path=/data/shards
 
 One process on a CPU, many GPUs, or many nodes (torchrun): FSDP2 shards every block when there
-is more than one process. The config keys and their defaults are ``DEFAULTS`` below.
+is more than one process. The config keys and their defaults are ``DEFAULTS`` below; the swappable
+parts (model, linearize, optimizer, scheduler, loss, metric_logger) are ``COMPONENTS``: sections
+whose ``_component_`` names any importable callable, built with torchtune's ``config.instantiate``.
 """
 
 import contextlib
 import errno
 import fcntl
+import inspect
 import itertools
 import json
 import logging
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
+from torchtune import config as tune_config
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,11 +40,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from supra.checkpoint import SUPRA_CONFIG, build_from_spec, load_checkpoint, save_checkpoint
+from supra.checkpoint import SUPRA_CONFIG, save_checkpoint
 from supra.checkpoint._io import iter_tensors, read_json, sha256_file, verify_sha256, weight_files
-from supra.config import Rule, parse_recipe_args, resolve_path, to_dict
+from supra.config import Component, Rule, parse_recipe_args, resolve_path, to_dict
 from supra.loading import DTYPES
-from supra.convert import linearize, new_parameter_names
+from supra.convert import new_parameter_names
 from supra.modules import is_linear_layer
 from supra.data import (
     load_tokenizer,
@@ -55,10 +59,9 @@ from supra.data import (
 from supra.data.python_docs import prepare_python_docs
 from supra.training.flops import device_peak_flops, flops_per_token
 from supra.training.loss import lm_loss
-from supra.training.metrics import MetricLogger, ProgressBar, Throughput
+from supra.training.metrics import ProgressBar, Throughput
 from supra.training.optim import FreezeSchedule, build_param_groups
 from supra.training.parallel import init_distributed, parallelize
-from supra.training.schedule import cosine_with_warmup
 
 logger = logging.getLogger("supra.uptrain")
 
@@ -67,19 +70,15 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "mixed_precision": "bf16",
-    "model": {"checkpoint": None, "builder": None, "kwargs": {}, "dtype": "fp32"},
-    "linearize": {"enabled": True, "layers": None, "decay": "alibi", "decay_start": None, "qk_norm": False,
-                  "feature_dim": None, "rope_style": "half", "norm_type": "rms_norm", "normalization": "group_norm"},
+    "dtype": "fp32",
     "data": {"type": "shards", "path": None, "files": [], "tokenizer": None, "text_key": "text", "seq_len": 2048,
              "document_boundaries": False, "num_workers": 0, "heldout_path": None},
     "batch_size": 8,
     "gradient_accumulation_steps": 1,
     "max_steps": 1000,
-    "optimizer": {"lr": 3e-5, "new_lr": None, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+    "new_lr": None,
     "freeze_pretrained": {"enabled": False, "until_step": None},
-    "scheduler": {"warmup_steps": 1000, "min_lr_ratio": None, "min_lr": 1e-5},
     "clip_grad_norm": 1.0,
-    "z_loss_weight": 0.0,
     "compile": False,
     "activation_checkpointing": False,
     "fsdp": {"reshard_after_forward": True},
@@ -91,17 +90,37 @@ DEFAULTS: Dict[str, Any] = {
     "keep_last_n_checkpoints": 2,
     "resume": False,
     "stop_after_n_steps": None,
-    "metric_logger": {"tensorboard_dir": None, "wandb": None},
     "collective_timeout_s": 1800,
 }
-FREE_FORM = ("model.kwargs", "metric_logger.wandb")
-# What the defaults' types do not say: ranges, choices, and the keys that may be null.
+# The swappable parts: each a section naming a ``_component_`` (a dotted path to any importable
+# callable) with its arguments, checked against the callable's signature when the config loads and
+# built with torchtune's ``config.instantiate``. The recipe passes what ``positional`` and
+# ``supplied`` say (the model to linearize, the parameter groups to the optimizer, ...).
+COMPONENTS: Dict[str, Component] = {
+    # A loader (supra.checkpoint.load_checkpoint with its path) or a builder (supra.models.supra_decoder
+    # with its arguments); its result is cast to ``dtype``.
+    "model": Component(),
+    # Called as linearize(model, **arguments); layers defaults to the model's softmax layers. Null:
+    # train the model as it is (pretraining, or a model that is already linear).
+    "linearize": Component({"_component_": "supra.convert.linearize"}, positional=1, nullable=True),
+    # Called with the parameter groups (pretrained / new, with / without weight decay): each group
+    # gets ``lr`` (``new_lr`` for the new parameters) and ``weight_decay`` from this section.
+    "optimizer": Component({"_component_": "torch.optim.AdamW", "lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8,
+                            "weight_decay": 0.1}, positional=1),
+    "scheduler": Component({"_component_": "supra.training.schedule.cosine_with_warmup", "warmup_steps": 1000,
+                            "min_lr": 1e-5}, positional=1, supplied=("max_steps",)),
+    # Called as loss(logits, labels) -> supra.training.loss.LossParts.
+    "loss": Component({"_component_": "supra.training.loss.LMLoss"}),
+    "metric_logger": Component({"_component_": "supra.training.metrics.MetricLogger"}, positional=1, supplied=("rank",)),
+}
+FREE_FORM = ()
+# What the defaults' types do not say: ranges, choices, and the keys that may be null (for a
+# component's arguments, ``section.argument``: checked when the config gives them).
 RULES: Dict[str, Rule] = {
     "seed": Rule(int, low=0),
     "mixed_precision": Rule(choices=DTYPES),
-    "model.checkpoint": Rule(str, nullable=True),
-    "model.builder": Rule(str, nullable=True),
-    "model.dtype": Rule(choices=DTYPES),
+    "dtype": Rule(choices=DTYPES),
+    "model.path": Rule(str),
     "linearize.layers": Rule(list, nullable=True),
     "linearize.decay_start": Rule(float, low=0, nullable=True),
     "linearize.feature_dim": Rule(int, low=1, nullable=True),
@@ -115,7 +134,7 @@ RULES: Dict[str, Rule] = {
     "gradient_accumulation_steps": Rule(int, low=1),
     "max_steps": Rule(int, low=1),
     "optimizer.lr": Rule(float, low=0, low_open=True),
-    "optimizer.new_lr": Rule(float, low=0, low_open=True, nullable=True),
+    "new_lr": Rule(float, low=0, low_open=True, nullable=True),
     "optimizer.eps": Rule(float, low=0, low_open=True),
     "optimizer.weight_decay": Rule(float, low=0),
     "freeze_pretrained.until_step": Rule(int, low=0, nullable=True),
@@ -123,7 +142,7 @@ RULES: Dict[str, Rule] = {
     "scheduler.min_lr_ratio": Rule(float, low=0, high=1, nullable=True),
     "scheduler.min_lr": Rule(float, low=0),
     "clip_grad_norm": Rule(float, low=0, low_open=True, nullable=True),
-    "z_loss_weight": Rule(float, low=0),
+    "loss.z_loss_weight": Rule(float, low=0),
     "log_every_n_steps": Rule(int, low=1),
     "eval_every_n_steps": Rule(int, low=1, nullable=True),
     "eval_batches": Rule(int, low=1, nullable=True),
@@ -193,16 +212,13 @@ class UptrainRecipe:
             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
             param_dtype=param_dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward,
         )
-        opt = cfg.optimizer
         groups = build_param_groups(
-            self.model, lr=opt.lr, new_lr=opt.new_lr, weight_decay=opt.weight_decay,
-            new_param_names=self.new_names, include_frozen=True,
+            self.model, lr=_argument(cfg.optimizer, "lr"), new_lr=cfg.new_lr,
+            weight_decay=_argument(cfg.optimizer, "weight_decay"), new_param_names=self.new_names, include_frozen=True,
         )
-        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
-        self.scheduler = cosine_with_warmup(
-            self.optimizer, warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.max_steps,
-            min_lr_ratio=cfg.scheduler.min_lr_ratio, min_lr=cfg.scheduler.min_lr if cfg.scheduler.min_lr_ratio is None else None,
-        )
+        self.optimizer = tune_config.instantiate(cfg.optimizer, groups)
+        self.scheduler = tune_config.instantiate(cfg.scheduler, self.optimizer, max_steps=cfg.max_steps)
+        self.loss_fn = tune_config.instantiate(cfg.loss)
         self.loader = build_dataloader(
             self.train_data, batch_size=cfg.batch_size, rank=self.rank, world_size=self.world_size,
             seed=cfg.seed, num_workers=cfg.data.num_workers,
@@ -210,10 +226,7 @@ class UptrainRecipe:
         self.batches = InfiniteLoader(self.loader)
         if resume_from is not None:
             self._resume(resume_from)
-        self.metrics = MetricLogger(
-            self.output_dir, rank=self.rank, tensorboard_dir=cfg.metric_logger.tensorboard_dir,
-            wandb=to_dict(cfg.metric_logger)["wandb"],
-        )
+        self.metrics = tune_config.instantiate(cfg.metric_logger, self.output_dir, rank=self.rank)
         self.throughput = Throughput(
             world_size=self.world_size, flops_per_token=self.flops_per_token,
             peak_flops=device_peak_flops(self.device, DTYPES[cfg.mixed_precision]) if self.device.type == "cuda" else None,
@@ -230,15 +243,15 @@ class UptrainRecipe:
     def _validate(self) -> None:
         """Bad input fails here, before any training step."""
         cfg = self.cfg
-        if (cfg.model.checkpoint is None) == (cfg.model.builder is None):
-            raise ValueError("set exactly one of model.checkpoint (a checkpoint to load) and model.builder (a supra.models builder)")
-        if cfg.model.checkpoint is not None and not resolve_path(cfg.model.checkpoint).exists():
-            raise ValueError(f"model.checkpoint {cfg.model.checkpoint} does not exist")
-        if cfg.scheduler.warmup_steps >= cfg.max_steps and self.rank == 0:
+        path = cfg.model.get("path")
+        if path is not None and not resolve_path(path).exists():
+            raise ValueError(f"model.path {path} does not exist")
+        warmup_steps = cfg.scheduler.get("warmup_steps")
+        if isinstance(warmup_steps, int) and warmup_steps >= cfg.max_steps and self.rank == 0:
             # Shortened runs (smoke tests) are common: train on the warmup ramp, and say so once.
             logger.warning(
                 "max_steps (%d) is reached before warmup ends (scheduler.warmup_steps = %d): the learning "
-                "rate never leaves warmup", cfg.max_steps, cfg.scheduler.warmup_steps,
+                "rate never leaves warmup", cfg.max_steps, warmup_steps,
             )
         if cfg.data.type == "open_lm" and cfg.data.document_boundaries:
             raise ValueError("data.document_boundaries is not supported with data.type open_lm (its samples carry no document offsets)")
@@ -278,30 +291,24 @@ class UptrainRecipe:
     def _tokenizer_source(self) -> Optional[Path]:
         """The tokenizer saved beside every checkpoint's model (``save_tokenizer_files``), so the
         generate recipe finds it: ``data.tokenizer`` when the data is tokenized with it, else the
-        one in ``model.checkpoint``."""
+        one in the checkpoint the model loads from (``model.path``)."""
         cfg = self.cfg
         if cfg.data.tokenizer is not None and cfg.data.type in ("text", "python_docs"):
             return resolve_path(cfg.data.tokenizer)
-        if cfg.model.checkpoint is not None:
-            return resolve_path(cfg.model.checkpoint)
+        if cfg.model.get("path") is not None:
+            return resolve_path(cfg.model.path)
         return None
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        dtype = DTYPES[cfg.model.dtype]
-        if cfg.model.checkpoint is not None:
-            model = load_checkpoint(resolve_path(cfg.model.checkpoint), dtype=dtype)
-        else:
-            spec = {"builder": cfg.model.builder, "kwargs": to_dict(cfg.model)["kwargs"]}
-            model = build_from_spec(spec, source="model.builder").to(dtype)
+        model = tune_config.instantiate(cfg.model).to(DTYPES[cfg.dtype])
         softmax = [i for i, layer in enumerate(model.layers) if not is_linear_layer(layer)]
-        if cfg.linearize.enabled and softmax:
+        if cfg.linearize is not None and softmax:
             if cfg.eval_before_training and not cfg.resume:
                 # The softmax model's own loss: the target that uptraining should recover.
                 self.heldout_losses.append((TEACHER_LABEL, self.evaluate(model.to(self.device))))
-            args = {k: v for k, v in to_dict(cfg.linearize).items() if k != "enabled" and v is not None}
-            args["layers"] = args.get("layers", softmax)
-            linearize(model, **args)
+            layers = {} if cfg.linearize.get("layers") is not None else {"layers": softmax}
+            tune_config.instantiate(cfg.linearize, model, **layers)
         return model.to(self.device).train()
 
     def _check_vocab(self, dataset) -> None:
@@ -380,7 +387,7 @@ class UptrainRecipe:
             last = i == len(micro_batches) - 1
             if self.world_size > 1:
                 self.model.set_requires_gradient_sync(last)
-            parts = lm_loss(self._forward(self.model, batch), batch["labels"].to(self.device), z_loss_weight=cfg.z_loss_weight)
+            parts = self.loss_fn(self._forward(self.model, batch), batch["labels"].to(self.device))
             # FSDP averages gradients over ranks; the world size turns that average into the sum
             # that normalizing by the global token count needs.
             (parts.unnormalized() * (self.world_size / total_tokens).float()).backward()
@@ -738,6 +745,18 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
+def _argument(node: DictConfig, name: str) -> Any:
+    """A component's argument: the config's value, else the default of its callable's parameter."""
+    if name in node:
+        return node[name]
+    from supra.config import import_component
+
+    parameter = inspect.signature(import_component(node._component_, "component")).parameters.get(name)
+    if parameter is None or parameter.default is parameter.empty:
+        raise ValueError(f"the recipe needs {name} from {node._component_}: give it in the config")
+    return parameter.default
+
+
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
@@ -796,7 +815,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> DictConfig:
-    return parse_recipe_args(__doc__, DEFAULTS, "optimizer.lr=1e-4", argv, free_form=FREE_FORM, rules=RULES)
+    return parse_recipe_args(__doc__, DEFAULTS, "optimizer.lr=1e-4", argv, free_form=FREE_FORM, rules=RULES,
+                             components=COMPONENTS)
 
 
 if __name__ == "__main__":

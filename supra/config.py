@@ -4,13 +4,18 @@ Configs are OmegaConf YAML files. A recipe declares its defaults (every valid ke
 default); a config may set any of them, and a misspelled key is an error that lists the
 valid keys near it, before anything runs. Every value is checked too: against the type of its
 default, or a ``Rule`` the recipe declares (a range, a set of choices, null allowed or not).
+Swappable parts are ``Component`` sections, as in torchtune: ``_component_`` names any
+importable callable and the other keys are its arguments, checked against its signature.
 """
 
 import argparse
 import difflib
 import importlib.util
+import inspect
 import math
 import numbers
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -167,6 +172,119 @@ def check_values(config: Dict[str, Any], defaults: Dict[str, Any], rules: Dict[s
             raise ValueError(f"{path} must be {rule.describe()}; got {value!r} ({type(value).__name__})")
 
 
+class Component:
+    """A config section that names a ``_component_`` (any importable callable, built with
+    torchtune's ``config.instantiate``), and what the recipe passes it beside the config's arguments.
+
+    Args:
+        default: the section used when a config leaves it out (a dict with ``_component_``), or None.
+        positional: how many leading arguments the recipe passes positionally (the model to
+            ``linearize``, the parameters to an optimizer).
+        supplied: keyword arguments the recipe passes (``max_steps`` to a scheduler).
+        nullable: the section may be null (the recipe then skips that part).
+    """
+
+    def __init__(self, default: Optional[Dict[str, Any]] = None, *, positional: int = 0, supplied: Iterable[str] = (),
+                 nullable: bool = False) -> None:
+        self.default, self.positional, self.supplied, self.nullable = default, positional, tuple(supplied), nullable
+
+
+COMPONENT_KEY = "_component_"
+
+
+def is_component(value: Any) -> bool:
+    """Whether a config value is a component node (a mapping with ``_component_``)."""
+    return isinstance(value, (dict, DictConfig)) and COMPONENT_KEY in value
+
+
+def import_component(path: str, where: str) -> Any:
+    """The callable a ``_component_`` dotted path names (found as torchtune's ``instantiate``
+    finds it: from the current directory too).
+
+    Raises:
+        ValueError: naming ``where``, the path and why it cannot be imported.
+    """
+    from torchtune.config._utils import _get_component_from_path
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}._component_ must be a dotted path to a callable (torch.optim.AdamW); got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return _get_component_from_path(path)
+    except Exception as error:  # torchtune raises InstantiationError; an import inside may raise anything
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(
+            f"{where}._component_ {path!r} cannot be imported ({reason}). Give a dotted path to an importable "
+            "callable; a user component in components/ imports when the run starts in the repository root"
+        ) from None
+
+
+def check_component(node: Dict[str, Any], where: str, spec: Optional[Component] = None,
+                    rules: Optional[Dict[str, Rule]] = None) -> None:
+    """Checks a component node before anything is built: its ``_component_`` imports, every
+    argument it gives is a parameter of that callable (a misspelling names the nearest), none the
+    callable requires is missing, and arguments with a ``Rule`` (``optimizer.lr``) obey it. Nested
+    component nodes (``linearize.feature_map``) are checked too, by name only.
+
+    Raises:
+        ValueError: naming the section, the component, the bad argument and the nearest valid one.
+    """
+    component = import_component(node.get(COMPONENT_KEY), where)
+    name = node[COMPONENT_KEY]
+    given = [k for k in node if k != COMPONENT_KEY]
+    for key in given:
+        value = node[key]
+        if is_component(value):
+            check_component(value, f"{where}.{key}", None, rules)
+        rule = (rules or {}).get(f"{where}.{key}")
+        if rule is not None and not rule.accepts(value):
+            raise ValueError(f"{where}.{key} must be {rule.describe()}; got {value!r} ({type(value).__name__})")
+    try:
+        parameters = list(inspect.signature(component).parameters.values())
+    except (TypeError, ValueError):
+        # Some builtins have no signature: the call itself will say what is wrong.
+        return
+    if spec is not None:
+        parameters = parameters[spec.positional:]
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = [p.name for p in named]
+    supplied = set(spec.supplied) if spec is not None else set()
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        for key in given:
+            if key in supplied:
+                raise ValueError(f"{where}.{key} is passed by the recipe; remove it from the config")
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"{where}: {name} has no argument '{key}'.{hint} Its arguments: {valid}")
+    if spec is not None:
+        missing = [p.name for p in named if p.default is p.empty and p.name not in given and p.name not in supplied]
+        if missing:
+            raise ValueError(f"{where}: {name} needs {', '.join(repr(m) for m in missing)}; add "
+                             f"{' and '.join(f'{where}.{m}' for m in missing)} to the config")
+
+
+def check_components(config: Dict[str, Any], components: Dict[str, Component], rules: Optional[Dict[str, Rule]] = None) -> None:
+    """``check_component`` for every component section of a merged config (dotted section names)."""
+    for where, spec in components.items():
+        node = _get(config, where)
+        if node is None:
+            if not spec.nullable:
+                raise ValueError(f"{where} must be a component (a section with _component_); got null")
+            continue
+        if not is_component(node):
+            raise ValueError(f"{where} must be a component: a section with _component_ (a dotted path to a callable) "
+                             f"and its arguments; got {node!r}")
+        check_component(node, where, spec, rules)
+
+
+def _get(config: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def load_config(
     name_or_path: Union[str, Path],
     overrides: Sequence[str] = (),
@@ -174,9 +292,15 @@ def load_config(
     defaults: Optional[Dict[str, Any]] = None,
     free_form: Iterable[str] = (),
     rules: Optional[Dict[str, Rule]] = None,
+    components: Optional[Dict[str, Component]] = None,
 ) -> DictConfig:
     """Loads a config, applies dotted ``key=value`` overrides and, given ``defaults``, fills
-    missing keys, rejects unknown ones and checks every value (``check_values``).
+    missing keys, rejects unknown ones and checks every value (``check_values``) and every
+    component section (``check_components``).
+
+    A component section is not merged with its default: a config that gives it gives all of it.
+    An override naming another ``_component_`` (``model={_component_: ..., ...}``) replaces the
+    file's section instead of merging into it.
 
     Args:
         name_or_path: a YAML path or a shipped config name.
@@ -184,20 +308,37 @@ def load_config(
         defaults: every valid key with its default value (nested dicts for sections).
         free_form: dotted paths of sections whose keys are not checked (builder arguments, ...).
         rules: dotted key -> ``Rule``, for keys whose default's type is not the whole rule
-            (ranges, choices, null allowed, null defaults).
+            (ranges, choices, null allowed, null defaults); ``section.argument`` for a component's.
+        components: top-level section name -> ``Component``, for the swappable parts.
 
     Raises:
-        ValueError: for a malformed override, an unknown key (listing the valid keys near it) or
-            a value its rule refuses (naming the rule and the value).
+        ValueError: for a malformed override, an unknown key (listing the valid keys near it), a
+            value its rule refuses (naming the rule and the value), or a component that does not
+            import or is given an argument it does not take (naming the nearest one).
     """
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must look like key=value (dotted keys for sections); got {bad}")
-    config = OmegaConf.merge(OmegaConf.load(find_config(name_or_path)), OmegaConf.from_dotlist(list(overrides)))
+    components = components or {}
+    config = OmegaConf.load(find_config(name_or_path))
+    for override in overrides:
+        change = OmegaConf.from_dotlist([override])
+        for section in components:
+            new, old = change.get(section), config.get(section)
+            if is_component(new) and (not is_component(old) or new[COMPONENT_KEY] != old[COMPONENT_KEY]):
+                config[section] = None
+        config = OmegaConf.merge(config, change)
     if defaults is not None:
-        check_keys(OmegaConf.to_container(config), defaults, set(free_form))
-        config = OmegaConf.merge(OmegaConf.create(defaults), config)
-        check_values(OmegaConf.to_container(config, resolve=True), defaults, rules or {}, set(free_form))
+        plain = {k: v for k, v in defaults.items() if k not in components}
+        free = set(free_form) | set(components)
+        check_keys(OmegaConf.to_container(config), {**plain, **{k: None for k in components}}, free)
+        given = {k: config[k] for k in components if k in config}
+        config = OmegaConf.merge(OmegaConf.create(plain), {k: v for k, v in config.items() if k not in components})
+        for section, spec in components.items():
+            config[section] = given.get(section, spec.default)
+        resolved = OmegaConf.to_container(config, resolve=True)
+        check_values(resolved, plain, rules or {}, free)
+        check_components(resolved, components, rules)
     return config
 
 
@@ -208,6 +349,7 @@ def parse_recipe_args(
     argv: Optional[Sequence[str]] = None,
     free_form: Iterable[str] = (),
     rules: Optional[Dict[str, Rule]] = None,
+    components: Optional[Dict[str, Component]] = None,
 ) -> DictConfig:
     """A recipe's command line, ``--config CONFIG [key=value ...]``, loaded with ``load_config``.
 
@@ -218,12 +360,14 @@ def parse_recipe_args(
         argv: the arguments; None reads ``sys.argv``.
         free_form: dotted sections whose keys are not checked.
         rules: dotted key -> ``Rule`` (see ``load_config``).
+        components: the component sections (see ``load_config``).
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (supra ls)")
     parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, defaults=defaults, free_form=free_form, rules=rules)
+    return load_config(args.config, args.overrides, defaults=defaults, free_form=free_form, rules=rules,
+                       components=components)
 
 
 def check_keys(config: Dict[str, Any], defaults: Dict[str, Any], free_form: set, prefix: str = "") -> None:

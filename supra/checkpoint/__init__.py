@@ -99,7 +99,8 @@ def load_checkpoint(
     that are NaN or infinite are refused, whatever the format.
 
     Args:
-        path: a checkpoint folder or, for ``open_lm_raw`` and ``gguf``, a file (see ``FORMATS``).
+        path: a checkpoint folder or, for ``open_lm_raw`` and ``gguf``, a file (see ``FORMATS``);
+            ``supra:REL`` and ``model:NAME`` as in ``supra.config.resolve_path``.
         dtype (Optional[torch.dtype]): cast floating weights; None keeps the stored dtypes
             (float32 for GGUF files, whose tensors are dequantized).
         device: where the model goes (default CPU).
@@ -118,9 +119,11 @@ def load_checkpoint(
             wrongly shaped / non-finite tensors, unreadable weight files, or weight files whose
             checksum changed (each error names the culprit).
     """
+    from supra.config import resolve_path
     from supra.convert import linearize as linearize_model, new_parameter_names
 
-    path = Path(path)
+    # A config's path: supra:REL (shipped with supra) and model:NAME (supra's model cache) too.
+    path = resolve_path(path)
     fmt = detect_format(path)
     if config is not None and fmt != "open_lm_raw":
         raise ValueError(f"config= is only for open_lm_raw checkpoint files; {path} is a {fmt!r} checkpoint")
@@ -200,7 +203,7 @@ def build_from_spec(spec: Dict[str, Any], source: PathLike = "build record") -> 
         raise ValueError(f"{source}: builder {name!r} is not a supra.models model builder; known: {sorted(RECORDED_BUILDERS)}")
     model = RECORDED_BUILDERS[name](**spec.get("kwargs", {}))
     for call in spec.get("linearize", []):
-        linearize(model, **{k: v for k, v in call.items() if not (k == "feature_map" and v is None)})
+        linearize(model, **{k: v for k, v in call.items() if not (k in ("feature_map", "decay") and v is None)})
     return model
 
 

@@ -1,7 +1,7 @@
 """Turn a torchtune softmax decoder into a SUPRA (or hybrid) model in place."""
 
 import logging
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -14,16 +14,16 @@ from supra.modules import LinearAttention, SupraDecoder, SupraLayer
 logger = logging.getLogger(__name__)
 
 # Submodules of LinearAttention that linearization adds (all others are pretrained).
-NEW_SUBMODULES = ("feature_map", "k_feature_map", "q_norm", "k_norm")
+NEW_SUBMODULES = ("feature_map", "k_feature_map", "q_norm", "k_norm", "decay")
 
 
 def linearize(
     model: TransformerDecoder,
     *,
     layers: Optional[Iterable[int]] = None,
-    feature_map: "str | Callable[[int, int], nn.Module]" = "relu",
+    feature_map: "str | Callable[[int, int], nn.Module] | Mapping" = "relu",
     feature_dim: Optional[int] = None,
-    decay: str = "alibi",
+    decay: "str | Callable[[int], nn.Module] | Mapping" = "alibi",
     decay_start: Optional[float] = None,
     qk_norm: bool = False,
     norm_type: str = "rms_norm",
@@ -44,9 +44,14 @@ def linearize(
         model (TransformerDecoder): a torchtune softmax decoder (llama2, llama3.x, mistral, qwen2).
         layers (Optional[Iterable[int]]): layer indices to linearize (negative ones count from
             the end); None means all. The rest stay softmax (a hybrid model).
-        feature_map (str | callable): ``"relu"`` or a factory ``(in_dim, out_dim) -> nn.Module``.
+        feature_map (str | callable | Mapping): ``"relu"``, a factory ``(in_dim, out_dim) ->
+            nn.Module``, or a component spec ``{"_component_": "pkg.mod.Name", **kwargs}`` called as
+            ``Name(in_dim, out_dim, **kwargs)`` (a config's form; recorded, so checkpoints rebuild it).
         feature_dim (Optional[int]): d_k; defaults to the head dimension.
-        decay (str): ``"alibi"`` (Lightning), ``"retnet"`` or ``"none"``.
+        decay (str | callable | Mapping): ``"alibi"`` (Lightning), ``"retnet"`` or ``"none"``
+            (fixed slopes), a factory ``(num_heads) -> nn.Module``, or a component spec called as
+            ``Name(num_heads, **kwargs)`` (see ``build_decay`` in ``supra.models.supra._component_builders``; a module's parameters
+            count as new).
         decay_start (Optional[float]): first alibi slope.
         qk_norm (bool): add q/k norms over all head features.
         norm_type (str): their type (see ``supra.models.NORM_TYPES``).
@@ -116,12 +121,14 @@ def linearize(
             model.layers[i].__class__ = SupraLayer
     # SupraDecoder adds methods only, so swapping the class keeps the object valid.
     model.__class__ = SupraDecoder
-    if callable(feature_map) and hasattr(model, SPEC_ATTRIBUTE):
-        # A factory cannot be written to a config: such a model cannot be saved by its build record.
-        model.supra_spec["unsaveable"] = f"linearized with a custom feature map {feature_map!r}"
+    for name, part in (("feature map", feature_map), ("decay", decay)):
+        if callable(part) and hasattr(model, SPEC_ATTRIBUTE):
+            # A factory cannot be written to a config (a component spec can): such a model cannot
+            # be saved by its build record.
+            model.supra_spec["unsaveable"] = f"linearized with a custom {name} {part!r} (pass a component spec instead)"
     record_linearize(model, dict(
-        layers=chosen, feature_map=feature_map if isinstance(feature_map, str) else None,
-        feature_dim=feature_dim, decay=decay, decay_start=decay_start, qk_norm=qk_norm,
+        layers=chosen, feature_map=None if callable(feature_map) else feature_map,
+        feature_dim=feature_dim, decay=None if callable(decay) else decay, decay_start=decay_start, qk_norm=qk_norm,
         norm_type=norm_type, norm_eps=norm_eps, rope_base=rope_base, rope_style=rope_style, normalization=normalization, impl=impl,
     ))
     logger.info(

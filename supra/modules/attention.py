@@ -41,7 +41,8 @@ class LinearAttention(nn.Module):
         v_proj (nn.Module): D -> H_kv * d_v.
         output_proj (nn.Module): H * d_v -> D.
         feature_map (nn.Module): H * d -> H * d_k for the queries (and the keys under MHA).
-        decay (FixedDecay): per-head slopes [H].
+        decay (nn.Module): per-head slopes [H] when called, with ``num_heads`` and ``gamma``
+            (``FixedDecay``, or a learned decay such as components/learned_decay.py).
         out_norm (nn.Module): normalizes [B, T, H, d_v] per head.
         k_feature_map (Optional[nn.Module]): H_kv * d -> H_kv * d_k for the keys; None shares
             ``feature_map`` (only possible when H == H_kv).

@@ -148,3 +148,21 @@ def lm_loss(
     else:
         z_sum = zero
     return LossParts(ce_sum, z_sum, valid.sum(), float(z_loss_weight))
+
+
+class LMLoss:
+    """``lm_loss`` with its options bound: the uptrain recipe's ``loss`` component
+    (``_component_: supra.training.loss.LMLoss``), called as ``loss(logits, labels) -> LossParts``.
+
+    Args:
+        z_loss_weight (float): weight of the z-loss, >= 0 (PaLM uses 1e-4).
+        ignore_index (int): label value that contributes nothing and is not counted.
+    """
+
+    def __init__(self, *, z_loss_weight: float = 0.0, ignore_index: int = -100) -> None:
+        if not z_loss_weight >= 0:
+            raise ValueError(f"z_loss_weight must be >= 0; got {z_loss_weight}")
+        self.z_loss_weight, self.ignore_index = z_loss_weight, ignore_index
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> LossParts:
+        return lm_loss(logits, labels, z_loss_weight=self.z_loss_weight, ignore_index=self.ignore_index)

@@ -15,6 +15,7 @@ import torch
 
 from supra.ops import linear_attention
 from supra.ops.linear_attention import IMPLEMENTATIONS
+from supra.ops.linear_attention.naive import naive_linear_attention
 from supra.ops.linear_attention.fused_recurrent import recurrent_step_
 
 # Test folders are not packages (--import-mode=importlib): the shared oracle is imported from here.
@@ -189,9 +190,24 @@ def test_zero_slopes_is_plain_causal_linear_attention(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_slopes_get_no_gradient(impl):
+def test_slopes_get_the_gradient_of_the_naive_reference_with_state(impl):
+    # A learned decay (components/learned_decay.py) trains its slopes through this gradient.
+    q, k, v, _ = make_inputs(1, 70, 2, 4, 4, torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    slopes = torch.tensor([0.1, 0.5], dtype=torch.float64, requires_grad=True)
+    o, state = linear_attention(q, k, v, slopes, initial_state=h0, output_final_state=True, impl=impl)
+    (o.square().sum() + state.sum()).backward()
+    got = slopes.grad.clone()
+    slopes.grad = None
+    ref_o, ref_state = naive_linear_attention(q, k, v, slopes, q.shape[-1] ** -0.5, h0)
+    (ref_o.square().sum() + ref_state.sum()).backward()
+    torch.testing.assert_close(got, slopes.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_constant_slopes_get_no_gradient(impl):
     q, k, v, _ = make_inputs(1, 6, 2, 4, 4, torch.float32, requires_grad=True)
-    slopes = torch.tensor([0.1, 0.5], requires_grad=True)
+    slopes = torch.tensor([0.1, 0.5])
     o, _ = linear_attention(q, k, v, slopes, impl=impl)
     o.sum().backward()
     assert slopes.grad is None

@@ -18,9 +18,8 @@ from supra.data import write_token_shards
 RECIPE = runpy.run_path(str(recipe_root() / "uptrain.py"), run_name="uptrain_under_test")
 # A small softmax model built from scratch on byte tokens instead of tiny/uptrain's teacher.
 SMALL = [
-    "model.checkpoint=null", "model.builder=supra_decoder",
-    "model.kwargs={vocab_size: 258, num_layers: 2, num_heads: 4, num_kv_heads: 2, embed_dim: 64, "
-    "intermediate_dim: 128, max_seq_len: 64, softmax_layers: [0, 1]}",
+    "model={_component_: supra.models.supra_decoder, vocab_size: 258, num_layers: 2, num_heads: 4, num_kv_heads: 2, "
+    "embed_dim: 64, intermediate_dim: 128, max_seq_len: 64, softmax_layers: [0, 1]}",
     "data.tokenizer=null", "data.seq_len=64", "batch_size=4", "log_every_n_steps=1", "eval_every_n_steps=null",
     "eval_before_training=false", "eval_batches=4", "scheduler.warmup_steps=2",
 ]
@@ -30,7 +29,7 @@ TEACHER_TOKENIZER = "supra:assets/tiny_teacher/tokenizer.model"
 def _config(tmp_path, *overrides):
     return load_config(
         "tiny/uptrain", [f"output_dir={tmp_path}", *SMALL, *overrides],
-        defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"], rules=RECIPE["RULES"],
+        defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"], rules=RECIPE["RULES"], components=RECIPE["COMPONENTS"],
     )
 
 
@@ -40,17 +39,31 @@ def _losses(output_dir):
     return {record["step"]: record["loss"] for record in lines if "loss" in record}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in list_configs() if n.endswith(("uptrain", "pretrain"))))
+UPTRAIN_CONFIGS = sorted(n for n in list_configs() if "uptrain" in n.split("/")[1] or n.endswith(("pretrain", "tiny/teacher")))
+
+
+@pytest.mark.parametrize("name", UPTRAIN_CONFIGS)
 def test_every_shipped_uptrain_config_validates(name):
-    config = load_config(name, defaults=RECIPE["DEFAULTS"], free_form=RECIPE["FREE_FORM"], rules=RECIPE["RULES"])
+    config = RECIPE["parse_args"](["--config", name])
     assert config.max_steps > config.scheduler.warmup_steps
+    assert config.model._component_ and config.optimizer._component_ and config.scheduler._component_
 
 
 def test_misspelled_keys_list_the_valid_ones_nearby(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'optimzer'. Did you mean 'optimizer'"):
         _config(tmp_path, "optimzer.lr=1e-4")
-    with pytest.raises(ValueError, match=r"unknown config key 'optimizer.learning_rate'.*Valid keys in section 'optimizer'"):
-        _config(tmp_path, "optimizer.learning_rate=1e-4")
+    with pytest.raises(ValueError, match=r"optimizer: torch.optim.AdamW has no argument 'weight_decy'. Did you mean "
+                                         r"'weight_decay'\? Its arguments: \['lr', 'betas'"):
+        _config(tmp_path, "optimizer.weight_decy=0.1")
+    with pytest.raises(ValueError, match=r"linearize: supra.convert.linearize has no argument 'feature_mapp'. Did you mean 'feature_map'"):
+        _config(tmp_path, "linearize.feature_mapp=relu")
+    with pytest.raises(ValueError, match=r"linearize.feature_map: components.mlp_feature_map.MLPFeatureMap has no argument "
+                                         r"'hiden_mult'. Did you mean 'hidden_mult'"):
+        _config(tmp_path, "linearize.feature_map={_component_: components.mlp_feature_map.MLPFeatureMap, hiden_mult: 2}")
+    with pytest.raises(ValueError, match=r"model._component_ 'supra.models.no_such_builder' cannot be imported"):
+        _config(tmp_path, "model._component_=supra.models.no_such_builder")
+    with pytest.raises(ValueError, match=r"scheduler.max_steps is passed by the recipe"):
+        _config(tmp_path, "scheduler.max_steps=3")
     with pytest.raises(ValueError, match="overrides must look like key=value"):
         _config(tmp_path, "max_steps")
 
@@ -75,10 +88,9 @@ def test_run_shorter_than_warmup_trains_on_the_ramp_with_one_warning(tmp_path, c
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.builder=null", "model.checkpoint=/no/such/checkpoint"], "model.checkpoint /no/such/checkpoint does not exist"),
+        (["model={_component_: supra.checkpoint.load_checkpoint, path: /no/such/checkpoint}"], "model.path /no/such/checkpoint does not exist"),
         (["data.type=shards", "data.path=/no/such/shards"], "data.path /no/such/shards does not exist"),
-        (["model.builder=build_norm"], "is not a supra.models model builder"),
-        (["model.builder=null", "model.checkpoint=supra:assets/no_such_model"], "model.checkpoint supra:assets/no_such_model does not exist"),
+        (["model={_component_: supra.checkpoint.load_checkpoint, path: supra:assets/no_such_model}"], "model.path supra:assets/no_such_model does not exist"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message):
@@ -95,7 +107,7 @@ def test_bad_input_fails_before_training(tmp_path, overrides, message):
         ("max_steps=2.5", "max_steps must be an integer >= 1; got 2.5 \\(float\\)"),
         ("optimizer.lr=abc", "optimizer.lr must be a finite number > 0; got 'abc' \\(str\\)"),
         ("optimizer.lr=.nan", "optimizer.lr must be a finite number > 0; got nan \\(float\\)"),
-        ("model.dtype=fp8", r"model.dtype must be one of \['bf16', 'bfloat16', .*\]; got 'fp8' \(str\)"),
+        ("dtype=fp8", r"dtype must be one of \['bf16', 'bfloat16', .*\]; got 'fp8' \(str\)"),
         ("data.type=parquet", r"data.type must be one of \['open_lm', 'python_docs', 'shards', 'text'\]; got 'parquet'"),
         ("eval_batches=0", "eval_batches must be an integer >= 1, or null; got 0"),
         ("compile=yes please", "compile must be true or false; got 'yes please' \\(str\\)"),
@@ -163,7 +175,7 @@ def test_two_processes_with_fsdp_and_compile_match_one_process(tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
     # An absurd learning rate blows the weights up after the first update.
-    config = _config(tmp_path, "max_steps=6", "save_every_n_steps=1", "optimizer.lr=1e30", "optimizer.new_lr=1e30",
+    config = _config(tmp_path, "max_steps=6", "save_every_n_steps=1", "optimizer.lr=1e30", "new_lr=1e30",
                      "scheduler.warmup_steps=0", "clip_grad_norm=null")
     with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step 2; stopping without saving. "
                                                 r"The checkpoint saved after step 1 holds the weights that gave it: moved "
@@ -186,7 +198,7 @@ def test_tokenize_command_writes_shards_the_recipe_trains_on(tmp_path):
         vocab_size=200, model_type="bpe", eos_id=1, bos_id=2, unk_id=0, pad_id=-1,
     )
     assert main(["tokenize", str(texts), "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "shards")]) in (0, None)
-    recipe = _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={tmp_path / 'shards'}", "model.kwargs.vocab_size=200"))
+    recipe = _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={tmp_path / 'shards'}", "model.vocab_size=200"))
     assert recipe.train_data.vocab_size == 200 and len(recipe.train_data) > 4
 
 
@@ -218,13 +230,13 @@ def test_eval_before_training_reports_softmax_linearized_and_final_losses(tmp_pa
 
 def test_without_linearization_the_start_is_before_training(tmp_path, capsys):
     RECIPE["recipe_main"](_config(tmp_path, "max_steps=1", "scheduler.warmup_steps=0", "eval_before_training=true",
-                                  "eval_batches=1", "linearize.enabled=false"))
+                                  "eval_batches=1", "linearize=null"))
     out = capsys.readouterr().out
     assert re.search(r"  before training +\d", out) and "teacher" not in out
 
 
 def test_every_checkpoint_carries_the_data_tokenizer(tmp_path):
-    RECIPE["recipe_main"](_config(tmp_path, "max_steps=1", "scheduler.warmup_steps=0", "model.kwargs.vocab_size=4096",
+    RECIPE["recipe_main"](_config(tmp_path, "max_steps=1", "scheduler.warmup_steps=0", "model.vocab_size=4096",
                                   f"data.tokenizer={TEACHER_TOKENIZER}"))
     saved = tmp_path / "checkpoints" / "step_0000001" / "model"
     assert (saved / "tokenizer.model").read_bytes() == resolve_path(TEACHER_TOKENIZER).read_bytes()
@@ -272,7 +284,7 @@ def test_every_checkpoint_records_the_sha256_of_each_of_its_files(four_steps):
         ("optimizer.lr=2e-3", "optimizer.lr: 0.001 -> 0.002"),
         ("batch_size=2", "batch_size: 4 -> 2"),
         ("data.seq_len=32", "data.seq_len: 64 -> 32"),
-        ("linearize.qk_norm=true", "linearize.qk_norm: False -> True"),
+        ("linearize.qk_norm=true", "linearize.qk_norm: 'unset' -> True"),
     ],
 )
 def test_resume_refuses_changes_to_the_model_data_or_optimization_listing_them(four_steps, tmp_path, override, shown):
@@ -334,7 +346,7 @@ def test_resume_fails_naming_the_files_when_every_checkpoint_is_damaged(four_ste
 def test_a_checkpoint_is_not_called_good_when_its_weights_give_a_non_finite_loss(tmp_path):
     # The case: lr=100 leaves finite weights after step 1 (saved) whose logits are not finite.
     config = _config(tmp_path, "max_steps=4", "save_every_n_steps=1", "keep_last_n_checkpoints=1", "optimizer.lr=100",
-                     "optimizer.new_lr=100", "scheduler.warmup_steps=0")
+                     "new_lr=100", "scheduler.warmup_steps=0")
     with pytest.raises(FloatingPointError, match="holds the weights that gave it: moved to") as raised:
         RECIPE["recipe_main"](config)
     step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
@@ -521,5 +533,32 @@ def test_a_shard_holding_ids_beyond_the_model_vocabulary_fails_at_setup_naming_i
     (shards / "index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"{re.escape(str(shards / 'shard_00000.bin'))} holds token id 257, but the "
                                          r"model embeds only 200 ids"):
-        _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={shards}", "model.kwargs.vocab_size=200",
+        _setup(_config(tmp_path / "run", "data.type=shards", f"data.path={shards}", "model.vocab_size=200",
                        "data.seq_len=16"))
+
+
+@pytest.mark.parametrize("name, module", [("tiny/uptrain_mlp_feature_map", "MLPFeatureMap"),
+                                          ("tiny/uptrain_learned_decay", "LearnedDecay")])
+def test_a_config_naming_a_user_component_trains_and_its_checkpoint_rebuilds_it(tmp_path, monkeypatch, name, module):
+    from supra.checkpoint import load_checkpoint
+
+    # components/ imports from the repository root, where configs that name it run.
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    config = RECIPE["parse_args"](["--config", name, f"output_dir={tmp_path}", "max_steps=2", "scheduler.warmup_steps=1",
+                                   "eval_every_n_steps=null", "eval_before_training=false", "save_every_n_steps=2",
+                                   "batch_size=2", "data.seq_len=64"])
+    RECIPE["recipe_main"](config)
+    saved = tmp_path / "checkpoints" / "step_0000002" / "model"
+    model = load_checkpoint(saved)
+    attn = model.layers[0].attn
+    assert module in {type(attn.feature_map).__name__, type(attn.decay).__name__}
+    if module == "LearnedDecay":
+        from supra.modules import alibi_slopes
+
+        # The slopes are trained: the op passes their gradient.
+        assert not torch.allclose(attn.decay().double(), alibi_slopes(attn.decay.num_heads), atol=1e-7)
+    record = json.loads((saved / "supra_config.json").read_text())
+    record["linearize"][0]["feature_map" if module == "MLPFeatureMap" else "decay"]["_component_"] = "components.gone.Missing"
+    (saved / "supra_config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"_component_ 'components.gone.Missing' cannot be imported"):
+        load_checkpoint(saved, verify_checksums=False)

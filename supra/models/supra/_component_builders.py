@@ -1,6 +1,6 @@
 """Component builders: every hyperparameter an argument, strings turned into modules here."""
 
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torch import nn
 from torchtune.models.llama2._component_builders import llama2_mlp
@@ -58,13 +58,50 @@ def build_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
     raise ValueError(f"norm_type {norm_type!r} is not supported; choose one of {NORM_TYPES}")
 
 
-def build_feature_map(feature_map: "str | Callable[[int, int], nn.Module]", in_dim: int, out_dim: int) -> nn.Module:
-    """A feature map ``in_dim -> out_dim`` from a name in ``FEATURE_MAPS`` or a factory."""
+def build_component(spec: Mapping[str, Any], where: str, *args: Any) -> Any:
+    """Calls the callable a component spec names (``{"_component_": "pkg.mod.Name", **kwargs}``,
+    as a config writes it) with ``args`` first, through torchtune's ``config.instantiate``.
+
+    Raises:
+        ValueError: naming ``where`` and the component when it cannot be imported.
+    """
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    from supra.config import import_component
+
+    import_component(spec.get("_component_"), where)
+    return config.instantiate(OmegaConf.create(dict(spec)), *args)
+
+
+def build_feature_map(feature_map: "str | Callable[[int, int], nn.Module] | Mapping", in_dim: int, out_dim: int) -> nn.Module:
+    """A feature map ``in_dim -> out_dim`` from a name in ``FEATURE_MAPS``, a factory, or a
+    component spec (``{"_component_": ..., **kwargs}``, called as ``(in_dim, out_dim, **kwargs)``)."""
+    if isinstance(feature_map, Mapping):
+        return build_component(feature_map, "feature_map", in_dim, out_dim)
     if callable(feature_map):
         return feature_map(in_dim, out_dim)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map {feature_map!r} is unknown; choose one of {sorted(FEATURE_MAPS)} or pass a callable")
     return FEATURE_MAPS[feature_map](in_dim, out_dim)
+
+
+def build_decay(decay: "str | Callable[[int], nn.Module] | Mapping", num_heads: int, decay_start: Optional[float] = None) -> nn.Module:
+    """The decay module of ``num_heads`` heads: ``FixedDecay`` for a slope rule name (``"alibi"``,
+    ``"retnet"``, ``"none"``), or a module from a factory ``(num_heads) -> nn.Module`` or a component
+    spec (called as ``(num_heads, **kwargs)``). A module returns the slopes [H] (>= 0) when called
+    and has ``num_heads`` and ``gamma`` (= exp(-slopes), for one-token decode steps).
+
+    Raises:
+        ValueError: for an unknown rule, or ``decay_start`` with a module decay.
+    """
+    if isinstance(decay, str):
+        return FixedDecay(decay_slopes(decay, num_heads, decay_start))
+    if decay_start is not None:
+        raise ValueError(f"decay_start={decay_start} applies to the 'alibi' rule only, not to a decay module {decay!r}")
+    if isinstance(decay, Mapping):
+        return build_component(decay, "decay", num_heads)
+    return decay(num_heads)
 
 
 def supra_attention(
@@ -78,8 +115,8 @@ def supra_attention(
     v_proj: nn.Module,
     output_proj: nn.Module,
     feature_dim: Optional[int] = None,
-    feature_map: "str | Callable[[int, int], nn.Module]" = "relu",
-    decay: str = "alibi",
+    feature_map: "str | Callable[[int, int], nn.Module] | Mapping" = "relu",
+    decay: "str | Callable[[int], nn.Module] | Mapping" = "alibi",
     decay_start: Optional[float] = None,
     qk_norm: bool = False,
     norm_type: str = "rms_norm",
@@ -118,7 +155,7 @@ def supra_attention(
         output_proj=output_proj,
         feature_map=build_feature_map(feature_map, num_heads * head_dim, num_heads * feature_dim),
         k_feature_map=build_feature_map(feature_map, num_kv_heads * head_dim, num_kv_heads * feature_dim) if gqa else None,
-        decay=FixedDecay(decay_slopes(decay, num_heads, decay_start)),
+        decay=build_decay(decay, num_heads, decay_start),
         out_norm=nn.Identity() if denominator else HeadGroupNorm(eps=out_norm_eps),
         pos_embeddings=RotaryEmbedding(feature_dim, base=rope_base, style=rope_style),
         q_norm=build_norm(norm_type, num_heads * feature_dim, norm_eps) if qk_norm else None,

@@ -57,7 +57,8 @@ def linear_attention(
             by the Triton kernels).
         v (torch.Tensor): values [B, T, H_kv, V].
         slopes (torch.Tensor): per-head decay slopes [H], finite and >= 0 (0 = no decay).
-            They are constants: no gradient flows to them.
+            Differentiable (learned decays) except with ``impl="triton"``, whose backward has no
+            slope gradient.
         scale (Optional[float]): multiplies the keys; defaults to ``K ** -0.5``.
         initial_state (Optional[torch.Tensor]): state before the first token, [B, H, K, V]
             (one per document [N, H, K, V] with ``cu_seqlens``). Differentiable.
@@ -271,33 +272,41 @@ def _linear_attention_backward_op(
     initial_state: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor],
     impl: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients by recomputing the forward under autograd (cheaper than storing its graph).
+    slopes_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients by recomputing the forward under autograd (cheaper than storing its graph); the
+    slopes' (empty unless ``slopes_grad``) last.
 
     ``impl="triton"`` runs the Triton backward kernels instead (they recompute the chunk states).
     """
     if impl == TRITON:
+        if slopes_grad:
+            raise ValueError("impl='triton' computes no gradient for the decay slopes; a learned decay "
+                             "needs impl='chunk' (or 'recurrent' / 'naive')")
         from supra.ops.linear_attention.triton_chunk import chunk_bwd
 
         grad_q, grad_k, grad_v, grad_h0 = chunk_bwd(
             grad_o, grad_state, q, k, v, slopes, scale, initial_state, cu_seqlens
         )
-        return grad_q, grad_k, grad_v, (q.new_empty(0) if grad_h0 is None else grad_h0)
+        return grad_q, grad_k, grad_v, (q.new_empty(0) if grad_h0 is None else grad_h0), slopes.new_empty(0)
     with _autograd_inside_custom_op(), torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         h0 = None if initial_state is None else initial_state.detach().requires_grad_()
-        o, state = _forward(*inputs, slopes, scale, h0, cu_seqlens, impl)
-        wrt = inputs + ([h0] if h0 is not None else [])
+        s = slopes.detach().requires_grad_(slopes_grad)
+        o, state = _forward(*inputs, s, scale, h0, cu_seqlens, impl)
+        wrt = inputs + ([h0] if h0 is not None else []) + ([s] if slopes_grad else [])
         grads = torch.autograd.grad((o, state), wrt, (grad_o, grad_state), allow_unused=True)
     grads = [x.new_zeros(x.shape) if g is None else g.contiguous() for g, x in zip(grads, wrt)]
     grad_h0 = grads[3] if h0 is not None else q.new_empty(0)
-    return grads[0], grads[1], grads[2], grad_h0
+    grad_slopes = grads[-1] if slopes_grad else slopes.new_empty(0)
+    return grads[0], grads[1], grads[2], grad_h0, grad_slopes
 
 
 @_linear_attention_backward_op.register_fake
-def _linear_attention_backward_fake(grad_o, grad_state, q, k, v, slopes, scale, initial_state, cu_seqlens, impl):
+def _linear_attention_backward_fake(grad_o, grad_state, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, slopes_grad):
     grad_h0 = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_h0
+    grad_slopes = slopes.new_empty(slopes.shape) if slopes_grad else slopes.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_h0, grad_slopes
 
 
 def _setup_context(ctx, inputs, output):
@@ -309,10 +318,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, grad_state):
     q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
-    grad_q, grad_k, grad_v, grad_h0 = torch.ops.supra.linear_attention_backward(
-        grad_o, grad_state, q, k, v, slopes, ctx.scale, initial_state, cu_seqlens, ctx.impl
+    slopes_grad = bool(ctx.needs_input_grad[3])
+    grad_q, grad_k, grad_v, grad_h0, grad_slopes = torch.ops.supra.linear_attention_backward(
+        grad_o, grad_state, q, k, v, slopes, ctx.scale, initial_state, cu_seqlens, ctx.impl, slopes_grad
     )
-    return grad_q, grad_k, grad_v, None, None, (grad_h0 if ctx.has_initial_state else None), None, None
+    return (grad_q, grad_k, grad_v, grad_slopes if slopes_grad else None, None,
+            (grad_h0 if ctx.has_initial_state else None), None, None)
 
 
 _linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
