@@ -2,6 +2,7 @@
 
     supra ls                                     list recipes and shipped configs
     supra cp RECIPE|CONFIG DST                   copy a shipped recipe or config to edit it
+    supra validate CONFIG [key=value ...]        check a config (keys, values, components) without running it
     supra run RECIPE [torchrun options] [--config CONFIG] [key=value ...]
     supra convert SRC DST [--to supra|openlm] [--linearize] [--dtype bf16]
     supra tokenize INPUTS... --tokenizer T --out DIR
@@ -109,6 +110,25 @@ def copy_file(name: str, destination: str) -> None:
     print(f"copied {source} to {target}")
 
 
+def validate(config: str, overrides: List[str], recipe: Optional[str]) -> None:
+    """Checks a config as ``supra run`` does when the recipe loads it (the recipe's own
+    ``parse_args``: keys, values, each component's import and arguments), without running it.
+    The recipe is ``recipe``, else the one the config's name starts with (``uptrain``,
+    ``generate``, ``eval``; ``pretrain`` and ``teacher`` are uptrain's)."""
+    recipes = list_recipes()
+    if recipe is None:
+        stem = find_config(config).stem
+        aliases = {"pretrain": "uptrain", "teacher": "uptrain"}
+        recipe = next((aliases.get(p, p) for p in (*recipes, *aliases) if stem.startswith(p)), None)
+        if recipe is None:
+            raise ValueError(f"cannot tell which recipe {config} is for; name it with --recipe ({', '.join(recipes)})")
+    if recipe not in recipes:
+        raise ValueError(f"no recipe named {recipe!r}; available: {', '.join(recipes)}")
+    module = runpy.run_path(str(recipes[recipe]), run_name=f"supra_validate_{recipe}")
+    module["parse_args"](["--config", config, *overrides])
+    print(f"{config}: valid for the {recipe} recipe")
+
+
 def download_model(name: Optional[str], cache_dir: Optional[str]) -> None:
     """Fetches and verifies a known model into the cache (prints its path), or lists them."""
     from supra.hub import MODELS, default_cache_dir, download
@@ -145,6 +165,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     fetch = commands.add_parser("download", help="fetch a known pretrained model into supra's cache (offline afterwards)")
     fetch.add_argument("name", nargs="?", help="the model (smollm2-135m); none lists the known ones")
     fetch.add_argument("--cache-dir", help="the cache folder (default $SUPRA_CACHE/models or ~/.cache/supra/models)")
+    check = commands.add_parser("validate", help="check a config without running it (like tune validate)")
+    check.add_argument("config", help="a shipped config (tiny/uptrain) or a YAML file")
+    check.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    check.add_argument("--recipe", help="the recipe whose config it is (default: from the config's name)")
     cp = commands.add_parser("cp", help="copy a shipped recipe or config to edit")
     cp.add_argument("name", help="a recipe (uptrain) or config (tiny/uptrain): supra ls lists them")
     cp.add_argument("destination")
@@ -168,6 +192,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             download_model(parsed.name, parsed.cache_dir)
         except (ValueError, RuntimeError) as error:
             raise SystemExit(f"supra download: {error}") from error
+    elif parsed.command == "validate":
+        try:
+            validate(parsed.config, parsed.overrides, parsed.recipe)
+        except ValueError as error:
+            raise SystemExit(f"supra validate: {error}") from error
     elif parsed.command == "cp":
         try:
             copy_file(parsed.name, parsed.destination)

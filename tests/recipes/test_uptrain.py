@@ -562,3 +562,21 @@ def test_a_config_naming_a_user_component_trains_and_its_checkpoint_rebuilds_it(
     (saved / "supra_config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"_component_ 'components.gone.Missing' cannot be imported"):
         load_checkpoint(saved, verify_checksums=False)
+
+
+@pytest.mark.parametrize("name", sorted(list_configs()))
+def test_supra_validate_checks_every_shipped_config_without_running_it(name, capsys, monkeypatch):
+    from supra._cli.main import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    main(["validate", name])
+    assert f"{name}: valid for the" in capsys.readouterr().out
+
+
+def test_supra_validate_names_a_misspelled_component_argument_and_the_nearest(monkeypatch):
+    from supra._cli.main import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    with pytest.raises(SystemExit, match=r"supra validate: optimizer: torch.optim.AdamW has no argument 'bettas'. "
+                                         r"Did you mean 'betas'"):
+        main(["validate", "tiny/uptrain", "optimizer.bettas=[0.9, 0.99]"])
