@@ -12,8 +12,8 @@ class OpenLMConfig(PretrainedConfig):
     """The ``config.json`` of an HF "openlm" folder (model_type ``"openlm"``, as TRI-ML/mistral-supra ships).
 
     open_lm's keys (``dim``, ``n_layers``, ``n_heads``, ``n_heads_kv``, ``vocab_size``, ``norm_type``,
-    ``use_decay``, ...; see SUPRA.md section 4) are kept as written, so a folder saved by the
-    reference loads unchanged. The usual transformers names (``hidden_size``, ``num_hidden_layers``,
+    ``use_decay``, ...; see "The published checkpoint layout" in docs/method.md) are kept as
+    written, so a folder saved by the reference loads unchanged. The usual transformers names (``hidden_size``, ``num_hidden_layers``,
     ...) read the open_lm keys. Which values supra supports is checked where the model is built
     (``supra.checkpoint.openlm.normalize_openlm_config``).
 
