@@ -638,7 +638,7 @@ class UptrainRecipe:
             raise ValueError(
                 f"resume=true, but this config differs from the one that trained {checkpoint} ({checkpoint}/config.yaml) "
                 f"in keys that change the model, the data or the optimization: {listed}. Set them back to continue "
-                f"this run, or start a new run in another output_dir (model.checkpoint={checkpoint / 'model'} starts "
+                f"this run, or start a new run in another output_dir (model.path={checkpoint / 'model'} starts "
                 "it from these weights)"
             )
         step = int(checkpoint.name.removeprefix("step_"))
