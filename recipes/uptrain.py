@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from supra.checkpoint import SUPRA_CONFIG, save_checkpoint
 from supra.checkpoint._io import iter_tensors, read_json, sha256_file, verify_sha256, weight_files
-from supra.config import Component, Rule, parse_recipe_args, resolve_path, to_dict
+from supra.config import COMPONENT_KEY, Component, Rule, import_component, parse_recipe_args, resolve_path, to_dict
 from supra.loading import DTYPES
 from supra.convert import new_parameter_names
 from supra.modules import is_linear_layer
@@ -301,7 +301,12 @@ class UptrainRecipe:
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        model = tune_config.instantiate(cfg.model).to(DTYPES[cfg.dtype])
+        dtype = DTYPES[cfg.dtype]
+        # A loader that casts while it reads (load_checkpoint) keeps peak host memory near one copy
+        # in the training dtype; a model built otherwise is cast once built.
+        loader = import_component(cfg.model[COMPONENT_KEY], "model")
+        casts = "dtype" in inspect.signature(loader).parameters and "dtype" not in cfg.model
+        model = tune_config.instantiate(cfg.model, **({"dtype": dtype} if casts else {})).to(dtype)
         softmax = [i for i, layer in enumerate(model.layers) if not is_linear_layer(layer)]
         if cfg.linearize is not None and softmax:
             if cfg.eval_before_training and not cfg.resume:

@@ -112,7 +112,7 @@ def test_bad_input_fails_before_training(tmp_path, overrides, message):
         ("eval_batches=0", "eval_batches must be an integer >= 1, or null; got 0"),
         ("compile=yes please", "compile must be true or false; got 'yes please' \\(str\\)"),
         ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio must be a finite number >= 0 and <= 1, or null; got 2 \(int\)"),
-        ("optimizer=3", "optimizer is a section"),
+        ("optimizer=3", "optimizer must be a component"),
     ],
 )
 def test_bad_values_are_refused_when_the_config_loads_naming_the_rule_and_the_value(tmp_path, override, message):
