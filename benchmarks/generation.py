@@ -38,6 +38,14 @@ RSS after building the model and one warm-up forward (the peak is reset there th
 /proc/self/clear_refs so the build's transient memory does not hide it; ``ru_maxrss`` where that is
 impossible); beside it the analytic bytes of the KV cache and of the recurrent state.
 
+``--checkpoint PATH`` replaces the synthetic model with the softmax model a checkpoint holds (any
+path ``supra.checkpoint.load_checkpoint`` reads, or ``model:NAME`` / ``supra:REL`` as configs name
+them), in float32: the teacher with its KV caches against ``linearize`` of a deep copy of it. Its
+shape (GQA, tied embeddings, vocabulary) comes from the checkpoint, so ``--kv-heads`` does not
+apply. RoPE is computed from the positions (no table), so the KV caches and prompts may run past
+the checkpoint's ``max_seq_len``: the benchmark raises that limit to the longest cache it
+allocates. Every configuration of the memory table loads the checkpoint again in its own process.
+
 libgomp threads that spin while waiting make 2-thread timings collapse when other processes share
 the cores: unless ``OMP_WAIT_POLICY`` is already set, this script sets it to PASSIVE before torch
 loads (set ``OMP_WAIT_POLICY=ACTIVE`` for libgomp's default).
@@ -47,6 +55,7 @@ loads (set ``OMP_WAIT_POLICY=ACTIVE`` for libgomp's default).
     python benchmarks/generation.py --kv-heads 2         # GQA 8/2 instead of MHA
     python benchmarks/generation.py --contexts 256 1024 --no-memory --no-compile --prefill-len 1024
     python benchmarks/generation.py --profile            # only profile the eager SUPRA decode step
+    python benchmarks/generation.py --checkpoint model:smollm2-135m --contexts 256 2048 8192 --prefill-len 2048 8192
 """
 
 import os
@@ -71,17 +80,20 @@ import torch
 import torch.nn.functional as F
 from torchtune.generation import generate as torchtune_generate
 from torchtune.models.llama3_2 import llama3_2
+from torchtune.modules import TiedLinear
 from torchtune.modules.common_utils import delete_kv_caches
 
+from supra.checkpoint import load_checkpoint
+from supra.config import resolve_path
 from supra.convert import linearize
 from supra.generation import generate
 from supra.generation.generate import _decode_step, _skipping_guards
 from supra.modules import SupraDecoder
+from supra.modules.decoder import is_linear_layer
 from supra.ops import linear_attention
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, LAYERS, DIM, HEADS, HIDDEN = 32_000, 12, 512, 8, 1536
-HEAD_DIM = DIM // HEADS
 METHODS = ("supra eager", "supra compiled", "torchtune KV", "weight floor")
 PREFILL_CHUNK = 2048
 
@@ -89,13 +101,18 @@ PREFILL_CHUNK = 2048
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--kv-heads", type=int, default=HEADS, help=f"key/value heads (default {HEADS}: MHA)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="benchmark this softmax checkpoint (any load_checkpoint path, or model:NAME) and its "
+                             "linearization instead of the synthetic model")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help=f"key/value heads of the synthetic model (default {HEADS}: MHA)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192, 16384, 32768])
     parser.add_argument("--rounds", type=int, default=6, help="rounds over every context and method")
     parser.add_argument("--steps", type=int, default=4, help="timed decode steps per block (context, method, round)")
     parser.add_argument("--max-real-prefill", type=int, default=8192,
                         help="fill the SUPRA state by a real prefill up to this context; set positions beyond")
-    parser.add_argument("--prefill-len", type=int, default=8192, help="prompt length of the prefill comparison")
+    parser.add_argument("--prefill-len", dest="prefill_lens", type=int, nargs="+", default=[8192],
+                        help="prompt length(s) of the prefill comparison (default 8192)")
     parser.add_argument("--prefill-reps", type=int, default=2, help="interleaved repetitions of each prefill (median)")
     parser.add_argument("--loop-tokens", type=int, default=256, help="tokens timed in the token-by-token loop (c)")
     parser.add_argument("--generate-tokens", type=int, default=32, help="new tokens in the generate() cross-check")
@@ -103,8 +120,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess RSS measurements")
     parser.add_argument("--no-causal-prefill", action="store_true", help="skip torchtune's cache-free causal prefill")
     parser.add_argument("--profile", action="store_true", help="only profile the eager SUPRA decode step")
-    parser.add_argument("--plot", default=str(REPO / "docs" / "generation_benchmark.png"),
-                        help="where to write the plot ('none' to skip)")
+    parser.add_argument("--plot", default=None,
+                        help="where to write the plot ('none' to skip; default docs/generation_benchmark.png for the "
+                             "synthetic model, none with --checkpoint)")
     parser.add_argument("--quick", action="store_true",
                         help="contexts 256 / 8k / 32k, 3 rounds of 3 steps, 1 prefill repetition")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,9 +131,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.contexts = [256, 8192, 32768]
         args.rounds, args.steps, args.prefill_reps = min(args.rounds, 3), min(args.steps, 3), 1
-    if HEADS % args.kv_heads:
-        parser.error(f"--kv-heads must divide {HEADS}")
+    if args.checkpoint is not None and args.kv_heads is not None:
+        parser.error("--kv-heads shapes the synthetic model; a --checkpoint brings its own heads")
+    if args.checkpoint is None:
+        args.kv_heads = HEADS if args.kv_heads is None else args.kv_heads
+        if HEADS % args.kv_heads:
+            parser.error(f"--kv-heads must divide {HEADS}")
+    if args.plot is None:
+        args.plot = "none" if args.checkpoint is not None else str(REPO / "docs" / "generation_benchmark.png")
     args.contexts = sorted(set(args.contexts))
+    args.prefill_lens = sorted(set(args.prefill_lens))
     return args
 
 
@@ -123,25 +148,48 @@ def emit(line: str = "") -> None:
     print(line, flush=True)
 
 
-def build_models(max_seq_len: int, kv_heads: int, seed: int, supra: bool = True, softmax: bool = True):
-    """The torchtune softmax backbone and (a deep copy of it) linearized; either may be None."""
+def build_models(max_seq_len: int, kv_heads: Optional[int], seed: int, supra: bool = True, softmax: bool = True,
+                 checkpoint: Optional[str] = None):
+    """The softmax backbone (torchtune's builder, or the softmax model ``checkpoint`` holds) and (a
+    deep copy of it) linearized; either may be None."""
     torch.manual_seed(seed)
-    base = llama3_2(
-        vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=kv_heads, embed_dim=DIM,
-        intermediate_dim=HIDDEN, max_seq_len=max_seq_len, tie_word_embeddings=False,
-    ).eval()
+    if checkpoint is None:
+        base = llama3_2(
+            vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=kv_heads, embed_dim=DIM,
+            intermediate_dim=HIDDEN, max_seq_len=max_seq_len, tie_word_embeddings=False,
+        ).eval()
+    else:
+        # float32 as the synthetic model (a supra folder may store bf16).
+        base = load_checkpoint(resolve_path(checkpoint), dtype=torch.float32)
+        if any(is_linear_layer(layer) for layer in base.layers):
+            raise ValueError(f"--checkpoint {checkpoint} holds SUPRA layers; pass the softmax model (the teacher), "
+                             "which the benchmark linearizes itself")
+        # The checkpoint's RoPE has no table: max_seq_len is only the softmax layers' length check,
+        # and the caches and prompts here may go past the context it was trained on.
+        base.max_seq_len = max(base.max_seq_len, max_seq_len)
     linear = linearize(copy.deepcopy(base) if softmax else base).eval() if supra else None
     return (base if softmax else None), linear
 
 
-def random_tokens(n: int, seed: int) -> torch.Tensor:
+def model_shape(model) -> Dict[str, int]:
+    """Vocabulary, layers, width, heads, key/value heads, head dim, SwiGLU width and tied
+    embeddings (0/1) of a built backbone (the synthetic one or a checkpoint's)."""
+    layer = model.layers[0]
+    return dict(
+        vocab=model.tok_embeddings.num_embeddings, layers=len(model.layers), dim=model.tok_embeddings.embedding_dim,
+        heads=model.num_heads, kv_heads=layer.attn.num_kv_heads, head_dim=model.head_dim,
+        hidden=layer.mlp.w1.out_features, tied=int(isinstance(model.output, TiedLinear)),
+    )
+
+
+def random_tokens(n: int, seed: int, vocab: int) -> torch.Tensor:
     """[1, n] ids in [1, vocab): torchtune's generate treats id 0 as padding."""
-    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def kv_cache_bytes(context: int, kv_heads: int) -> int:
+def kv_cache_bytes(context: int, shape: Dict[str, int]) -> int:
     """Analytic float32 KV cache bytes per sequence: layers x (K and V) x kv heads x context x head dim."""
-    return LAYERS * 2 * kv_heads * context * HEAD_DIM * 4
+    return shape["layers"] * 2 * shape["kv_heads"] * context * shape["head_dim"] * 4
 
 
 def state_bytes(model: SupraDecoder) -> int:
@@ -155,8 +203,17 @@ def state_bytes(model: SupraDecoder) -> int:
     return total
 
 
+def projection_weights(model) -> List[torch.Tensor]:
+    """Every linear weight of ``model`` in model order, the output projection included when it is
+    tied to the embedding (torchtune's TiedLinear is not a module)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if isinstance(model.output, TiedLinear):
+        weights.append(model.output.tied_module.weight)
+    return weights
+
+
 def weight_bytes(model) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(w.numel() * w.element_size() for w in projection_weights(model))
 
 
 # ---- SUPRA state and torchtune KV caches at a given context ----
@@ -174,7 +231,7 @@ def supra_advance_to(model: SupraDecoder, context: int, max_real_prefill: int, s
     position = int(model.layers[0].attn.kv_cache.positions[0])
     real_end = min(context, max_real_prefill)
     if real_end > position:
-        tokens = random_tokens(real_end - position, seed + position)
+        tokens = random_tokens(real_end - position, seed + position, model.tok_embeddings.num_embeddings)
         for start in range(0, tokens.shape[1], PREFILL_CHUNK):
             model(tokens[:, start : start + PREFILL_CHUNK])
         position = real_end
@@ -230,7 +287,7 @@ def supra_stepper(model, compiled: bool = False) -> Callable[[torch.Tensor], tor
 def floor_stepper(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """One matrix-vector product with every linear weight of ``model``, in model order: the weight
     traffic any decode step of it pays, with nothing else."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = projection_weights(model)
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     def step(token: torch.Tensor) -> torch.Tensor:
@@ -280,7 +337,7 @@ def decode_sweep(args, softmax, linear, compiled) -> Dict[int, Dict[str, object]
     steppers = {"supra eager": supra_stepper(linear), "weight floor": floor_stepper(linear)}
     if compiled is not None:
         steppers["supra compiled"] = supra_stepper(compiled, compiled=True)
-    token = random_tokens(1, args.seed)[:, 0]
+    token = random_tokens(1, args.seed, args.shape["vocab"])[:, 0]
     for r in range(args.rounds):
         # Rotate both orders so that no context or method always follows another.
         for context in args.contexts[r % len(args.contexts):] + args.contexts[: r % len(args.contexts)]:
@@ -329,9 +386,8 @@ def timed_generate(model, prompt: List[int], max_new_tokens: int, compile: bool)
 
 
 @torch.no_grad()
-def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
-    length = args.prefill_len
-    prompt = random_tokens(length, args.seed + 1)
+def prefill_comparison(args, softmax, linear, length: int) -> Dict[str, object]:
+    prompt = random_tokens(length, args.seed + 1, args.shape["vocab"])
     prompt_list = prompt[0].tolist()
 
     def supra_generate() -> None:
@@ -365,7 +421,7 @@ def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
     out: Dict[str, object] = {"length": length, "reps": args.prefill_reps}
     out.update({name: statistics.median(t) for name, t in times.items()})
 
-    hidden = torch.randn(1, length, DIM)
+    hidden = torch.randn(1, length, args.shape["dim"])
     start = time.perf_counter()
     linear.output(linear.norm(hidden)).float()
     out["all_logits"] = time.perf_counter() - start
@@ -389,7 +445,7 @@ def prefill_comparison(args, softmax, linear) -> Dict[str, object]:
     return out
 
 
-def profile_decode(linear) -> None:
+def profile_decode(linear, shape: Dict[str, int]) -> None:
     """Per-module and per-op times of one eager SUPRA decode step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -402,12 +458,12 @@ def profile_decode(linear) -> None:
         return 1e3 * statistics.median(times)
 
     linear.setup_caches(batch_size=1, dtype=torch.float32)
-    token = random_tokens(1, 0)
+    token = random_tokens(1, 0, shape["vocab"])
     with torch.no_grad():
-        linear(random_tokens(64, 1))
+        linear(random_tokens(64, 1, shape["vocab"]))
         layer = linear.layers[0]
         attn = layer.attn
-        h = torch.randn(1, 1, DIM)
+        h = torch.randn(1, 1, shape["dim"])
         q4 = torch.randn(1, 1, attn.num_heads, attn.feature_dim)
         positions = torch.tensor([[1000]])
         state = torch.zeros(1, attn.num_heads, attn.feature_dim, attn.feature_dim)
@@ -426,7 +482,7 @@ def profile_decode(linear) -> None:
             "    out norm + output proj": lambda: attn.output_proj(attn.out_norm(q4).reshape(1, 1, -1)),
             "  MLP": lambda: layer.mlp(h),
             "  2 RMSNorms": lambda: (layer.sa_norm(h), layer.mlp_norm(h)),
-            "final norm + output (32000)": lambda: linear.output(linear.norm(h)),
+            f"final norm + output ({shape['vocab']})": lambda: linear.output(linear.norm(h)),
         }
         emit("  median ms per call (eager, batch 1, one token; the parts of one layer run with its weights in cache):")
         for name, fn in parts.items():
@@ -467,17 +523,19 @@ def child_main(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     kind, context, steps = spec["kind"], spec["context"], spec["steps"]
     supra = kind.startswith("supra")
-    softmax, linear = build_models(spec["max_seq_len"], spec["kv_heads"], spec["seed"], supra=supra, softmax=not supra)
+    softmax, linear = build_models(spec["max_seq_len"], spec["kv_heads"], spec["seed"], supra=supra, softmax=not supra,
+                                   checkpoint=spec.get("checkpoint"))
     model = linear if supra else softmax
+    vocab = model.tok_embeddings.num_embeddings
     # Library initialization (MKL buffers, allocator pools) is not the cache's memory.
-    model(random_tokens(4, 0))
+    model(random_tokens(4, 0, vocab))
     gc.collect()
     if reset_peak_rss():
         baseline, peak = proc_status_mib("VmRSS"), lambda: proc_status_mib("VmHWM")
     else:
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    token = random_tokens(1, 1)[:, 0]
+    token = random_tokens(1, 1, vocab)[:, 0]
     if kind == "supra-decode":
         model.setup_caches(batch_size=1, dtype=torch.float32)
         for layer in model.layers:
@@ -488,10 +546,10 @@ def child_main(spec: dict) -> None:
         torchtune_fill(model, context, context + steps)
         step = TorchtuneStepper(model, context, context + steps)
     elif kind == "supra-prefill":
-        generate(model, [random_tokens(context, 2)[0].tolist()], max_new_tokens=1)
+        generate(model, [random_tokens(context, 2, vocab)[0].tolist()], max_new_tokens=1)
     elif kind == "torchtune-prefill":
         model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=context + 1)
-        torchtune_generate(model, random_tokens(context, 2), max_generated_tokens=1, temperature=1.0, top_k=1)
+        torchtune_generate(model, random_tokens(context, 2, vocab), max_generated_tokens=1, temperature=1.0, top_k=1)
     else:
         raise ValueError(f"unknown child kind {kind!r}")
     if kind.endswith("decode"):
@@ -502,7 +560,7 @@ def child_main(spec: dict) -> None:
 
 def run_child(args, kind: str, context: int) -> Optional[float]:
     spec = dict(kind=kind, context=context, steps=4, threads=args.threads, seed=args.seed,
-                kv_heads=args.kv_heads, max_seq_len=max_seq_len(args))
+                kv_heads=args.kv_heads, max_seq_len=max_seq_len(args), checkpoint=args.checkpoint)
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                           cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -519,14 +577,15 @@ def memory_table(args) -> Dict[str, Dict[int, Optional[float]]]:
             out[kind][context] = run_child(args, kind, context)
         emit(f"  context {context:>6}: peak RSS above baseline, supra {fmt(out['supra-decode'][context], '.1f')} MiB, "
              f"torchtune {fmt(out['torchtune-decode'][context], '.1f')} MiB")
-    for kind in ("supra-prefill", "torchtune-prefill"):
-        out[kind] = {args.prefill_len: run_child(args, kind, args.prefill_len)}
-        emit(f"  {kind} of {args.prefill_len}: peak RSS above baseline {fmt(out[kind][args.prefill_len], '.1f')} MiB")
+    for length in args.prefill_lens:
+        for kind in ("supra-prefill", "torchtune-prefill"):
+            out.setdefault(kind, {})[length] = run_child(args, kind, length)
+            emit(f"  {kind} of {length}: peak RSS above baseline {fmt(out[kind][length], '.1f')} MiB")
     return out
 
 
 def max_seq_len(args) -> int:
-    return max(max(args.contexts) + args.rounds * (1 + args.steps), args.prefill_len + 1) + 64
+    return max(max(args.contexts) + args.rounds * (1 + args.steps), max(args.prefill_lens) + 1) + 64
 
 
 # ---- report ----
@@ -548,17 +607,18 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
 
 
 def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None:
-    first, last = args.contexts[0], args.contexts[-1]
-    compiled = not args.no_compile
-    attention = "MHA" if args.kv_heads == HEADS else "GQA"
+    shape = args.shape
+    attention = "MHA" if shape["kv_heads"] == shape["heads"] else "GQA"
+    source = "torchtune llama3_2 builder" if args.checkpoint is None else f"{args.checkpoint} (load_checkpoint)"
     emit()
     emit("=" * 112)
     emit(f"Generation benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
          f"{platform.machine()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    emit(f"model: torchtune llama3_2 builder, {LAYERS} layers x {DIM} wide, {attention} {HEADS}/{args.kv_heads} heads of "
-         f"{HEAD_DIM}, SwiGLU {HIDDEN}, vocab {VOCAB}, float32, batch 1; SUPRA = the same weights linearized (relu "
-         f"feature maps, alibi decay). Linear weights: softmax {sizes['softmax_weights'] / 2**20:.0f} MiB, SUPRA "
-         f"{sizes['supra_weights'] / 2**20:.0f} MiB")
+    emit(f"model: {source}, {shape['layers']} layers x {shape['dim']} wide, {attention} {shape['heads']}/"
+         f"{shape['kv_heads']} heads of {shape['head_dim']}, SwiGLU {shape['hidden']}, vocab {shape['vocab']}"
+         f"{', tied embeddings' if shape['tied'] else ''}, float32, batch 1; SUPRA = the same weights linearized (relu "
+         f"feature maps, alibi decay). Linear weights{' (tied output included)' if shape['tied'] else ''}: softmax "
+         f"{sizes['softmax_weights'] / 2**20:.0f} MiB, SUPRA {sizes['supra_weights'] / 2**20:.0f} MiB")
     emit(f"load average (1/5/15 min) at start: {start_load}; at end: {load_average()}")
     emit(f"decode: medians of {args.rounds} interleaved rounds x {args.steps} timed steps per context and method "
          "(each block after one untimed step); greedy argmax included")
@@ -577,7 +637,7 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
         rss_supra = fmt((memory or {}).get("supra-decode", {}).get(context), ".1f")
         emit(f"{context:>8} | {eager:>11.2f} {comp or nan:>9.2f} {tt:>12.2f} {row['weight floor']:>7.2f} | "
              f"{ratio(tt, eager):>8} {ratio(tt, comp):>11} | "
-             f"{kv_cache_bytes(context, args.kv_heads) / 2**20:>9.1f} {sizes['state'] / 2**20:>6.2f} | "
+             f"{kv_cache_bytes(context, shape) / 2**20:>9.1f} {sizes['state'] / 2**20:>6.2f} | "
              f"{rss_tt:>7} {rss_supra:>9}")
     emit("floor = one matrix-vector product with every linear weight of the SUPRA model (its weight traffic alone).")
     emit()
@@ -596,14 +656,22 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
     emit(f"SUPRA state: what a real chunked prefill of the context leaves, up to {args.max_real_prefill} tokens; above, "
          f"that state with the position counters set to the context (same state size, same RoPE cost).")
     emit(f"(c) the reference's way decodes with the same recurrent step as 'supra eager' (its prompt loop: "
-         f"{prefill['loop_ms_per_token']:.2f} ms/token median).")
+         f"{prefill[-1]['loop_ms_per_token']:.2f} ms/token median).")
     emit()
     emit("generate() end to end, decode ms/token from the streaming callback's timestamps:")
     for name, check in gen_checks.items():
         emit(f"  {name}: prefill {check['prefill_s'] * 1e3:.0f} ms, decode {check['decode_ms']:.2f} ms/token, "
              f"first decode step {check['first_step_s']:.2f} s")
+    for p in prefill:
+        emit()
+        prefill_block(p, memory)
     emit()
-    p = prefill
+    emit("Targets:" if args.checkpoint is None else
+         "Targets (set for the synthetic 12 x 512 model by default; shown here for comparison):")
+    report_targets(args, decode, prefill[-1], sizes)
+
+
+def prefill_block(p: Dict[str, object], memory) -> None:
     emit(f"Prefill of {p['length']} tokens, seconds (median of {p['reps']} interleaved runs; "
          "ratio = time / supra generate()):")
     emit(f"  (a)  supra generate(): chunked prefill, logits for the last position {p['supra']:8.2f}")
@@ -620,8 +688,11 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
     if memory and "supra-prefill" in memory:
         emit(f"  peak RSS above baseline: supra generate() {fmt(memory['supra-prefill'][p['length']], '.0f')} MiB, "
              f"torchtune generate() {fmt(memory['torchtune-prefill'][p['length']], '.0f')} MiB")
-    emit()
-    emit("Targets:")
+
+
+def report_targets(args, decode, p: Dict[str, object], sizes) -> None:
+    first, last = args.contexts[0], args.contexts[-1]
+    compiled = not args.no_compile
     med = {c: decode[c]["median"] for c in args.contexts}
     checks = []
     for name in ("supra eager", "supra compiled") if compiled else ("supra eager",):
@@ -646,7 +717,7 @@ def report(args, decode, prefill, memory, sizes, gen_checks, start_load) -> None
                    "(generate() with KV caches) >= 2x", p["torchtune"] / p["supra"] >= 2))
     pre_loop = p["loop"] / p["supra"]
     checks.append((f"prefill {p['length']}: {pre_loop:.1f}x faster than the token loop >= 10x", pre_loop >= 10))
-    kv_first, kv_last = (kv_cache_bytes(c, args.kv_heads) / 2**20 for c in (first, last))
+    kv_first, kv_last = (kv_cache_bytes(c, args.shape) / 2**20 for c in (first, last))
     checks.append((f"state memory independent of context: {sizes['state'] / 2**20:.2f} MiB per sequence vs KV cache "
                    f"{kv_first:.1f} .. {kv_last:.1f} MiB", True))
     for text, ok in checks:
@@ -677,11 +748,14 @@ def plot(path: str, args, decode, memory, sizes) -> None:
     left.set_ylim(bottom=0)
     left.set_xlabel("context length (tokens)")
     left.set_ylabel("decode ms / token (median)")
-    attention = "MHA" if args.kv_heads == HEADS else f"GQA {HEADS}/{args.kv_heads}"
-    left.set_title(f"Decode: {LAYERS} x {DIM}, {attention}, batch 1, {torch.get_num_threads()} CPU threads")
+    shape = args.shape
+    attention = "MHA" if shape["kv_heads"] == shape["heads"] else f"GQA {shape['heads']}/{shape['kv_heads']}"
+    name = "" if args.checkpoint is None else f"{Path(args.checkpoint).name}, "
+    left.set_title(f"Decode: {name}{shape['layers']} x {shape['dim']}, {attention}, batch 1, "
+                   f"{torch.get_num_threads()} CPU threads")
     left.grid(alpha=0.3, which="both")
     left.legend()
-    right.plot(contexts, [kv_cache_bytes(c, args.kv_heads) / 2**20 for c in contexts], "^-", color="tab:red",
+    right.plot(contexts, [kv_cache_bytes(c, shape) / 2**20 for c in contexts], "^-", color="tab:red",
                label="KV cache (analytic)")
     right.plot(contexts, [sizes["state"] / 2**20] * len(contexts), "o-", color="tab:blue", label="SUPRA state (analytic)")
     if memory:
@@ -702,24 +776,25 @@ def plot(path: str, args, decode, memory, sizes) -> None:
     emit(f"plot written to {path}")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
     if args.child:
         child_main(json.loads(args.child))
         return
     start_load = load_average()
     torch.set_num_threads(args.threads)
     emit(f"load average at start: {start_load}; threads {args.threads}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    softmax, linear = build_models(max_seq_len(args), args.kv_heads, args.seed)
+    softmax, linear = build_models(max_seq_len(args), args.kv_heads, args.seed, checkpoint=args.checkpoint)
+    args.shape = model_shape(softmax)
     sizes = {"state": state_bytes(linear), "supra_weights": weight_bytes(linear), "softmax_weights": weight_bytes(softmax)}
 
     if args.profile:
         emit("profile of the eager SUPRA decode step:")
-        profile_decode(linear)
+        profile_decode(linear, args.shape)
         return
 
     emit("generate() cross-check:")
-    prompt = random_tokens(args.contexts[0], args.seed + 2)[0].tolist()
+    prompt = random_tokens(args.contexts[0], args.seed + 2, args.shape["vocab"])[0].tolist()
     gen_checks = {f"eager, {len(prompt)}-token prompt": timed_generate(linear, prompt, args.generate_tokens, False)}
     compiled = None
     if not args.no_compile:
@@ -733,7 +808,7 @@ def main() -> None:
     emit("decode sweep:")
     decode = decode_sweep(args, softmax, linear, compiled)
     emit("prefill:")
-    prefill = prefill_comparison(args, softmax, linear)
+    prefill = [prefill_comparison(args, softmax, linear, length) for length in args.prefill_lens]
     memory = None
     if not args.no_memory:
         del softmax

@@ -22,6 +22,13 @@ clipping at 1.0, and an AdamW step over ``build_param_groups`` (pretrained / new
 
 The ratios are SUPRA / softmax at the same length, measured in the same run.
 
+``--checkpoint PATH`` trains a real model instead: the softmax model a checkpoint holds (any path
+``supra.checkpoint.load_checkpoint`` reads, or ``model:NAME`` / ``supra:REL`` as configs name
+them), fine-tuned as it is (``softmax``) against ``linearize`` of it with the default arguments
+(``supra``), the same step and optimizer for both, in float32. The shape comes from the
+checkpoint, so the shape options (``--layers`` ... ``--vocab``) do not apply; every process loads
+the checkpoint.
+
 Softmax attention costs O(T^2) per sequence, SUPRA's chunked linear attention O(T); the rest of
 the step (projections, MLPs, the 32000-way output and its loss) is the same in both and linear
 in T, so the ratio moves towards SUPRA as T grows. ``cpu/wall`` is the process CPU time over wall
@@ -36,6 +43,7 @@ in T) and a length that would not fit is skipped, with a line that says so.
     python benchmarks/uptrain_cpu.py                          # T = 512 1024 2048 4096
     python benchmarks/uptrain_cpu.py --quick                  # T = 512 2048, fewer steps
     python benchmarks/uptrain_cpu.py --seq-lens 2048 --layers 4 --dim 256 --steps 5
+    python benchmarks/uptrain_cpu.py --checkpoint model:smollm2-135m --seq-lens 512 1024
 """
 
 import argparse
@@ -50,6 +58,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 VARIANTS = ("softmax", "supra")
+# The synthetic model's shape options and their defaults (None: derived, see parse_args).
+SHAPE_DEFAULTS = {"layers": 6, "dim": 512, "heads": 8, "kv_heads": 2, "intermediate": None, "vocab": 32000}
 # Training steps of a memory cell (see memory_cell).
 MEMORY_STEPS = 2
 
@@ -58,12 +68,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
                         help="sequence lengths, run in this order (default 2048 512 1024 4096; --quick: 2048 512)")
-    parser.add_argument("--layers", type=int, default=6, help="decoder blocks (default 6)")
-    parser.add_argument("--dim", type=int, default=512, help="model width (default 512)")
-    parser.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="train this softmax checkpoint (any load_checkpoint path, or model:NAME) and its "
+                             "linearization instead of the synthetic model")
+    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default 6)")
+    parser.add_argument("--dim", type=int, default=None, help="model width (default 512)")
+    parser.add_argument("--heads", type=int, default=None, help="query heads (default 8)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 2)")
     parser.add_argument("--intermediate", type=int, default=None, help="SwiGLU width (default 3 x dim)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 3; --quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
@@ -78,8 +91,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.seq_lens = [2048, 512] if args.quick else [2048, 512, 1024, 4096]
     if args.steps is None:
         args.steps = 2 if args.quick else 3
-    args.intermediate = args.intermediate or 3 * args.dim
-    for name in ("steps", "layers", "dim", "heads", "kv_heads", "vocab", "batch", "threads"):
+    given = [name for name in SHAPE_DEFAULTS if getattr(args, name) is not None]
+    if args.checkpoint is not None:
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} shapes the synthetic model; a --checkpoint brings its own shape")
+    else:
+        for name, default in SHAPE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        args.intermediate = args.intermediate or 3 * args.dim
+    checked = ("steps", "batch", "threads") + (() if args.checkpoint else ("layers", "dim", "heads", "kv_heads", "vocab"))
+    for name in checked:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.warmup < 0 or min(args.seq_lens) < 1:
@@ -106,8 +128,37 @@ def model_kwargs(args: argparse.Namespace, seq_len: int) -> Dict[str, Any]:
     )
 
 
+def load_softmax(checkpoint: str, seq_len: int):
+    """The softmax model ``checkpoint`` holds, its length check lifted to ``seq_len``."""
+    import torch
+
+    from supra.checkpoint import load_checkpoint
+    from supra.config import resolve_path
+    from supra.modules.decoder import is_linear_layer
+
+    # float32 as the synthetic model (a supra folder may store bf16).
+    model = load_checkpoint(resolve_path(checkpoint), dtype=torch.float32)
+    if any(is_linear_layer(layer) for layer in model.layers):
+        raise ValueError(f"--checkpoint {checkpoint} holds SUPRA layers; pass the softmax model (the teacher), "
+                         "which the benchmark linearizes itself")
+    # RoPE here has no table: max_seq_len is only the softmax layers' length check.
+    model.max_seq_len = max(model.max_seq_len, seq_len)
+    return model
+
+
+def describe(model) -> str:
+    """The shape of a built decoder, for the report."""
+    from torchtune.modules import TiedLinear
+
+    attn = model.layers[0].attn
+    return (f"{len(model.layers)} layers x {model.tok_embeddings.embedding_dim}, heads {attn.num_heads}/"
+            f"{attn.num_kv_heads}, SwiGLU {model.layers[0].mlp.w1.out_features}, vocab "
+            f"{model.tok_embeddings.num_embeddings}{', tied embeddings' if isinstance(model.output, TiedLinear) else ''}")
+
+
 def build(args: argparse.Namespace, variant: str, seq_len: int):
-    """The variant's model (every pretrained tensor from ``args.seed``) and the recipe's AdamW."""
+    """The variant's model (every pretrained tensor from ``args.seed``, or from ``--checkpoint``)
+    and the recipe's AdamW."""
     import torch
 
     from supra.convert import linearize, new_parameter_names
@@ -115,7 +166,10 @@ def build(args: argparse.Namespace, variant: str, seq_len: int):
     from supra.training.optim import build_param_groups
 
     torch.manual_seed(args.seed)
-    model = supra_decoder(**model_kwargs(args, seq_len))
+    if args.checkpoint is None:
+        model = supra_decoder(**model_kwargs(args, seq_len))
+    else:
+        model = load_softmax(args.checkpoint, seq_len)
     if variant == "supra":
         # The feature maps draw from the RNG after the backbone: every pretrained tensor is the
         # softmax variant's.
@@ -134,9 +188,10 @@ def make_step(args: argparse.Namespace, model, optimizer, seq_len: int):
     from supra.training.loss import lm_loss
 
     generator = torch.Generator().manual_seed(args.seed)
+    vocab = model.tok_embeddings.num_embeddings
 
     def step() -> float:
-        window = torch.randint(0, args.vocab, (args.batch, seq_len + 1), generator=generator)
+        window = torch.randint(0, vocab, (args.batch, seq_len + 1), generator=generator)
         loss = lm_loss(model(window[:, :-1]), window[:, 1:]).total()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,7 +210,9 @@ def time_cell(args: argparse.Namespace, seq_len: int) -> Dict[str, Dict[str, Any
     torch.set_num_threads(args.threads)
     steps, losses = {}, {}
     for variant in VARIANTS:
-        steps[variant] = make_step(args, *build(args, variant, seq_len), seq_len)
+        model, optimizer = build(args, variant, seq_len)
+        shape = describe(model)
+        steps[variant] = make_step(args, model, optimizer, seq_len)
         losses[variant] = [steps[variant]() for _ in range(args.warmup)]
     times = {variant: [] for variant in VARIANTS}
     cpu = {variant: 0.0 for variant in VARIANTS}
@@ -165,7 +222,7 @@ def time_cell(args: argparse.Namespace, seq_len: int) -> Dict[str, Dict[str, Any
             losses[variant].append(steps[variant]())
             times[variant].append(time.perf_counter() - start)
             cpu[variant] += cpu_seconds() - cpu_start
-    return {
+    out: Dict[str, Any] = {
         variant: {
             "times": times[variant], "median_s": statistics.median(times[variant]),
             "cpu_per_wall": cpu[variant] / sum(times[variant]),
@@ -173,6 +230,8 @@ def time_cell(args: argparse.Namespace, seq_len: int) -> Dict[str, Dict[str, Any
         }
         for variant in VARIANTS
     }
+    out["shape"] = shape
+    return out
 
 
 def memory_cell(args: argparse.Namespace, variant: str, seq_len: int) -> Dict[str, Any]:
@@ -185,6 +244,8 @@ def memory_cell(args: argparse.Namespace, variant: str, seq_len: int) -> Dict[st
     import supra.training.loss  # noqa: F401
     import supra.training.optim  # noqa: F401
 
+    if args.checkpoint is not None:
+        import supra.checkpoint  # noqa: F401
     torch.set_num_threads(args.threads)
     baseline = peak_mib()
     model, optimizer = build(args, variant, seq_len)
@@ -199,10 +260,13 @@ def memory_cell(args: argparse.Namespace, variant: str, seq_len: int) -> Dict[st
 
 def spawn(args: argparse.Namespace, job: Dict[str, Any]) -> Dict[str, Any]:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job),
-            "--layers", str(args.layers), "--dim", str(args.dim), "--heads", str(args.heads),
-            "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab),
             "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.checkpoint is None:
+        argv += ["--layers", str(args.layers), "--dim", str(args.dim), "--heads", str(args.heads),
+                 "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab)]
+    else:
+        argv += ["--checkpoint", args.checkpoint]
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"worker {job} failed:\n{result.stderr[-4000:]}")
@@ -260,20 +324,25 @@ def emit(line: str = "") -> None:
     print(line, flush=True)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> None:
     import torch
 
     busy = load_before_run()
-    emit(f"$ python benchmarks/uptrain_cpu.py {' '.join(sys.argv[1:])}".rstrip())
+    argv = sys.argv[1:] if argv is None else argv
+    emit(f"$ python benchmarks/uptrain_cpu.py {' '.join(argv)}".rstrip())
     emit(
         f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; other load before the run: "
         f"{'unknown' if busy is None else f'{100 * busy:.0f}% of the cores'}, load average "
         f"{os.getloadavg()[0]:.1f}"
     )
-    emit(
-        f"model: supra_decoder {args.layers} layers x {args.dim}, heads {args.heads}/{args.kv_heads}, "
-        f"SwiGLU {args.intermediate}, vocab {args.vocab}, fp32; batch {args.batch}"
-    )
+    if args.checkpoint is None:
+        emit(
+            f"model: supra_decoder {args.layers} layers x {args.dim}, heads {args.heads}/{args.kv_heads}, "
+            f"SwiGLU {args.intermediate}, vocab {args.vocab}, fp32; batch {args.batch}"
+        )
+    else:
+        emit(f"model: {args.checkpoint} (load_checkpoint), fine-tuned as it is (softmax) and linearized with the "
+             f"defaults (supra), fp32; batch {args.batch}")
     emit(
         "step = forward + lm_loss + backward + clip_grad_norm + AdamW step. Time: both variants in one process, "
         f"{args.warmup} warm-up + {args.steps} timed steps each, alternating; memory: one fresh process per "
@@ -294,6 +363,8 @@ def main(args: argparse.Namespace) -> None:
         memory = {v: spawn(args, {"kind": "memory", "variant": v, "seq_len": seq_len}) for v in order}
         done[seq_len] = {"time": timing, "memory": memory, "seconds": time.perf_counter() - cell_start}
         emit(f"measured T={seq_len} in {done[seq_len]['seconds']:.0f} s")
+        if args.checkpoint is not None and len(done) == 1:
+            emit(f"  the checkpoint's shape: {timing['shape']}")
     emit()
     emit(f"{'T':>5} {'variant':<8} {'params':>7} {'step s':>8} {'tokens/s':>9} {'cpu/wall':>8} "
          f"{'peak MiB':>9} {'ratio tok/s':>11} {'ratio mem':>9}")
@@ -305,7 +376,9 @@ def main(args: argparse.Namespace) -> None:
         for variant in VARIANTS:
             ratios = ("", "")
             if variant == "supra":
-                ratios = (f"{rates['supra'] / rates['softmax']:.2f}", f"{peaks['supra'] / peaks['softmax']:.2f}")
+                # A model too small to lift the peak above the imports' leaves no memory ratio.
+                ratios = (f"{rates['supra'] / rates['softmax']:.2f}",
+                          f"{peaks['supra'] / peaks['softmax']:.2f}" if peaks["softmax"] > 0 else "-")
             finite = timing[variant]["finite"] and memory[variant]["finite"]
             emit(f"{seq_len:>5} {variant:<8} {memory[variant]['params'] / 1e6:>6.1f}M "
                  f"{timing[variant]['median_s']:>8.2f} {rates[variant]:>9.0f} {timing[variant]['cpu_per_wall']:>8.2f} "
